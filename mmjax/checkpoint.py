@@ -1,0 +1,120 @@
+"""Orbax checkpoints of the train state, the data iterator and the config.
+
+Layout: ``workdir/checkpoints/<step>/{state,data,config}``. Saves are
+asynchronous; ``wait`` blocks until the last one is on disk. Restoring tries
+the newest step first; a step that cannot be read (missing or truncated files)
+is logged, moved aside to ``workdir/checkpoints.corrupt/<step>`` (never
+deleted) and the next older one is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+_ITEMS = ("state", "data", "config")
+
+
+class Checkpointer:
+  """Saves and restores ``(train state, data iterator state, config)``."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.corrupt_directory = self.directory.rstrip("/") + ".corrupt"
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=_ITEMS)
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: PyTree, data_iterator: Any,
+           config: dict[str, Any]) -> None:
+    """Starts saving ``state`` (one unreplicated copy) at ``step``."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config)), force=True)
+
+  def restore_latest(self, abstract_state: PyTree,
+                     data_iterator: Any) -> Optional[tuple[PyTree, int]]:
+    """Restores the newest readable step into ``data_iterator`` and returns
+    ``(state, step)``, or ``None`` when there is no readable checkpoint."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      except Exception as e:  # pylint: disable=broad-except
+        self._move_aside(step, e)
+        continue
+      return restored.state, step
+    return None
+
+  def _move_aside(self, step: int, error: Exception) -> None:
+    os.makedirs(self.corrupt_directory, exist_ok=True)
+    target = os.path.join(self.corrupt_directory, str(step))
+    suffix = 0
+    while os.path.exists(target):
+      suffix += 1
+      target = os.path.join(self.corrupt_directory, f"{step}.{suffix}")
+    logging.warning("Checkpoint %d in %s cannot be restored (%s: %s); moved "
+                    "it to %s and trying an older one.", step, self.directory,
+                    type(error).__name__, str(error)[:500], target)
+    print(f"WARNING: checkpoint {step} is unreadable ({type(error).__name__}); "
+          f"moved to {target}.", flush=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def load_params(directory: str) -> tuple[PyTree, PyTree, int]:
+  """``(params, batch_stats, step)`` of the newest checkpoint in
+  ``directory`` (a run's workdir or its ``checkpoints/``), for warm starts."""
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), item_names=_ITEMS,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"init_from: no checkpoint found in {directory}.")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  manager.close()
+  state = restored.state
+  return state["params"], state.get("batch_stats", {}), step
+
+
+def check_same_structure(loaded: PyTree, expected: PyTree, what: str) -> None:
+  """Raises naming the first parameter whose presence or shape differs."""
+  flat_loaded = {jax.tree_util.keystr(k): v.shape for k, v in
+                 jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  flat_expected = {jax.tree_util.keystr(k): v.shape for k, v in
+                   jax.tree_util.tree_flatten_with_path(expected)[0]}
+  for key, shape in flat_expected.items():
+    if key not in flat_loaded:
+      raise ValueError(f"{what}: parameter {key} is missing from the checkpoint.")
+    if tuple(flat_loaded[key]) != tuple(shape):
+      raise ValueError(f"{what}: parameter {key} has shape {flat_loaded[key]} "
+                       f"in the checkpoint but {shape} in this model.")
+  extra = sorted(set(flat_loaded) - set(flat_expected))
+  if extra:
+    raise ValueError(f"{what}: the checkpoint has parameters this model lacks: "
+                     f"{', '.join(extra[:5])}.")

@@ -1,0 +1,135 @@
+"""Experiment-file helpers: argument parsing and validation before compiling.
+
+An experiment file's ``get_config(arg)`` receives the string after the colon in
+``--config=experiments/x.py:fusion=concat,runlocal``. ``parse_arg`` turns it into
+a ``ConfigDict`` with typed defaults, as in big_vision.
+
+``validate_config`` runs before anything touches data or compiles, so a wrong
+name or an impossible setting fails in the first second with a message that
+says what to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import jax
+import ml_collections
+
+from mmjax import models
+from mmjax import registry
+
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses ``"a=1,b=x,flag"`` into a ConfigDict typed like ``defaults``.
+
+  A bare name (``runlocal``) means ``True``. Tuples are written with ``+``
+  (``modalities=image+question``). Keys that are not in ``defaults`` are
+  rejected, listing the valid ones.
+  """
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(
+          f"Unknown config argument {key!r} in {arg!r}. Valid arguments: "
+          f"{', '.join(sorted(defaults))}.")
+    parsed[key] = _parse_value(key, value if "=" in item else "True",
+                               defaults[key])
+  return parsed
+
+
+def _parse_value(key: str, value: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    if value.lower() not in _TRUE + _FALSE:
+      raise ValueError(f"Config argument {key!r} takes true/false; got {value!r}.")
+    return value.lower() in _TRUE
+  if isinstance(default, tuple):
+    return tuple(v for v in value.split("+") if v)
+  if isinstance(default, (int, float)):
+    try:
+      return type(default)(value)
+    except ValueError:
+      raise ValueError(f"Config argument {key!r} takes a {type(default).__name__};"
+                       f" got {value!r}.") from None
+  return value
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming the first problem found in ``config``."""
+  import mmjax.encoders  # pylint: disable=g-import-not-at-top,unused-import
+  import mmjax.fusion  # pylint: disable=g-import-not-at-top,unused-import
+  import mmjax.heads  # pylint: disable=g-import-not-at-top,unused-import
+  import mmjax.data.preprocess  # pylint: disable=g-import-not-at-top,unused-import
+  model = config.model
+  modalities = tuple(model.modalities)
+  if not modalities:
+    raise ValueError("config.model.modalities is empty: name at least one "
+                     f"of the configured encoders ({', '.join(model.encoders)}).")
+  for modality in modalities:
+    if modality not in model.encoders:
+      raise ValueError(
+          f"Modality {modality!r} in config.model.modalities has no encoder in "
+          f"config.model.encoders (configured: {', '.join(model.encoders)}).")
+    _check_part(registry.ENCODERS, model.encoders[modality],
+                f"config.model.encoders.{modality}", models.PART_KEYS)
+  _check_part(registry.FUSIONS, model.fusion, "config.model.fusion",
+              models.PART_KEYS)
+  if not model.heads:
+    raise ValueError("config.model.heads is empty: add at least one head.")
+  for head_name, head in model.heads.items():
+    _check_part(registry.HEADS, head, f"config.model.heads.{head_name}",
+                models.HEAD_KEYS)
+    if "target" not in head:
+      raise ValueError(f"config.model.heads.{head_name} needs a 'target': the "
+                       "batch key holding its labels.")
+  from mmjax.data import preprocess  # pylint: disable=g-import-not-at-top
+  for field in ("pp_train", "pp_eval"):
+    preprocess.parse_pp(config.input[field])  # Raises on unknown op names.
+  _check_batch_size(config.input.batch_size, "config.input.batch_size")
+  _check_batch_size(config.eval.batch_size, "config.eval.batch_size")
+  if config.parallel.backend not in ("pmap", "shard_map"):
+    raise ValueError(f"Unknown config.parallel.backend "
+                     f"{config.parallel.backend!r}. Valid: pmap, shard_map.")
+  if config.get("rng_impl", "threefry2x32") not in RNG_IMPLS:
+    raise ValueError(f"Unknown config.rng_impl {config.rng_impl!r}. Valid: "
+                     f"{', '.join(RNG_IMPLS)}.")
+  if config.train.steps <= 0:
+    raise ValueError(f"config.train.steps must be positive; got "
+                     f"{config.train.steps}.")
+
+
+def _check_part(reg: registry.Registry, part: ml_collections.ConfigDict,
+                where: str, assembly_keys: tuple[str, ...]) -> None:
+  """Checks that ``part.name`` is registered and its other keys are fields."""
+  if "name" not in part:
+    raise ValueError(f"{where} needs a 'name'. Valid {reg.kind} names: "
+                     f"{', '.join(reg.names())}.")
+  cls = reg.get(part.name)
+  valid = _hyperparameter_names(cls)
+  for key in part:
+    if key not in assembly_keys and key not in valid:
+      raise ValueError(
+          f"{where}.{key} is not a hyper-parameter of {reg.kind} "
+          f"{part.name!r}. Valid: {', '.join(sorted(valid))}.")
+
+
+def _hyperparameter_names(cls: Any) -> set[str]:
+  if dataclasses.is_dataclass(cls):
+    return {f.name for f in dataclasses.fields(cls)
+            if f.name not in ("parent", "name")}
+  return set(inspect.signature(cls).parameters)
+
+
+def _check_batch_size(batch_size: int, where: str) -> None:
+  devices = jax.device_count()
+  if batch_size <= 0 or batch_size % devices:
+    raise ValueError(
+        f"{where}={batch_size} must be a positive multiple of the number of "
+        f"devices ({devices}); try {max(devices, batch_size // devices * devices)}.")

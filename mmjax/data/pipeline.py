@@ -1,0 +1,167 @@
+"""Input pipeline: TFDS array_record data sources read through grain.
+
+Train batches come from an infinite, shuffled, deterministic grain iterator
+whose state is checkpointed with the model, so a resumed run sees exactly the
+batches an uninterrupted one would. Eval batches cover a split once, padded to
+a fixed batch size with a ``_mask`` field marking real examples.
+
+Each process (host) reads its own shard of every split and produces its local
+part of the global batch; ``mmjax.parallel`` assembles the global batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mmjax.data import preprocess
+from mmjax.data.tokenizer import Vocabulary
+
+# Datasets whose TFDS builders live in this package, imported on first use so
+# that TFDS knows them by name.
+BUILDER_MODULES = {"mm_shapes": "mmjax.data.mm_shapes"}
+
+MASK_KEY = "_mask"
+
+
+def dataset_name(config: ml_collections.ConfigDict) -> str:
+  """``"name/config"`` as TFDS spells it."""
+  ds = config.dataset
+  return f"{ds.name}/{ds.config}" if ds.get("config") else ds.name
+
+
+def ensure_prepared(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Returns the dataset's builder, generating the dataset first if needed."""
+  ds = config.dataset
+  if ds.name in BUILDER_MODULES:
+    importlib.import_module(BUILDER_MODULES[ds.name])
+  builder = tfds.builder(dataset_name(config), data_dir=ds.get("data_dir") or None)
+  if not builder.is_prepared():
+    logging.info("Building %s into %s (first use only).", dataset_name(config),
+                 builder.data_dir)
+    print(f"Building dataset {dataset_name(config)} into {builder.data_dir} "
+          "(first use only)...", flush=True)
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=ds.get("manual_dir") or None)
+    builder.download_and_prepare(file_format="array_record",
+                                 download_config=download_config)
+  return builder
+
+
+def data_source(config: ml_collections.ConfigDict, split: str):
+  """A random-access source of decoded examples (dicts of numpy arrays)."""
+  builder = ensure_prepared(config)
+  return builder.as_data_source(split=split)
+
+
+def text_keys(config: ml_collections.ConfigDict) -> list[str]:
+  """The fields that a ``tokenize`` op of the pipelines reads."""
+  keys = []
+  for spec in (config.input.pp_train, config.input.pp_eval):
+    for name, kwargs in preprocess.parse_pp(spec):
+      key = kwargs.get("key", "question")
+      if name == "tokenize" and key not in keys:
+        keys.append(key)
+  return keys
+
+
+def load_or_build_vocabularies(config: ml_collections.ConfigDict,
+                               workdir: str) -> dict[str, Vocabulary]:
+  """Word vocabularies for every tokenized field, from the train split.
+
+  A vocabulary is saved in ``workdir/vocab/`` the first time, and read back on
+  resume, so a run keeps the ids its checkpoint was trained with.
+  """
+  vocabularies = {}
+  for key in text_keys(config):
+    path = os.path.join(workdir, "vocab", f"{key}.json")
+    if os.path.exists(path):
+      vocabularies[key] = Vocabulary.load(path)
+      continue
+    source = data_source(config, config.dataset.train_split)
+    texts = (source[i][key] for i in range(len(source)))
+    vocabularies[key] = Vocabulary.from_texts(texts)
+    if jax.process_index() == 0:
+      vocabularies[key].save(path)
+  return vocabularies
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"Batch size {global_batch_size} is not divisible by the "
+                     f"number of processes ({jax.process_count()}).")
+  return global_batch_size // jax.process_count()
+
+
+def _host_shard(dataset: grain.MapDataset) -> grain.MapDataset:
+  return dataset[jax.process_index()::jax.process_count()]
+
+
+def make_train_iterator(config: ml_collections.ConfigDict,
+                        vocabularies: dict[str, Vocabulary]):
+  """An infinite iterator of preprocessed local train batches.
+
+  Returns a grain ``DatasetIterator``: ``next()`` gives a dict of numpy arrays
+  ``[local_batch, ...]``; its state is saved and restored with checkpoints.
+  """
+  pp = preprocess.build_pp(config.input.pp_train, vocabularies)
+  dataset = grain.MapDataset.source(
+      data_source(config, config.dataset.train_split))
+  dataset = (_host_shard(dataset)
+             .seed(config.seed)
+             .shuffle()
+             .repeat()
+             .batch(local_batch_size(config.input.batch_size),
+                    drop_remainder=True)
+             .random_map(pp))
+  read_options = grain.ReadOptions(
+      num_threads=config.input.num_threads,
+      prefetch_buffer_size=config.input.prefetch_batches)
+  return iter(dataset.to_iter_dataset(read_options))
+
+
+def eval_batches(config: ml_collections.ConfigDict, split: str,
+                 vocabularies: dict[str, Vocabulary]
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Every example of ``split`` once, in local batches of a fixed size.
+
+  The last batch is padded with zeros; ``batch["_mask"]`` ``[local_batch]``
+  is True on real examples. Every process yields the same number of batches.
+  """
+  pp = preprocess.build_pp(config.input.pp_eval, vocabularies)
+  source = data_source(config, split)
+  batch_size = local_batch_size(config.eval.batch_size)
+  per_host = -(-len(source) // jax.process_count())
+  num_batches = -(-per_host // batch_size)
+  dataset = (_host_shard(grain.MapDataset.source(source))
+             .batch(batch_size)
+             .map(lambda b: pp(b, np.random.default_rng(0))))
+  read_options = grain.ReadOptions(num_threads=config.input.num_threads,
+                                   prefetch_buffer_size=4)
+  iterator = iter(dataset.to_iter_dataset(read_options))
+  template = None
+  for _ in range(num_batches):
+    batch = next(iterator, None)
+    if batch is None:  # This host ran out before the others.
+      batch = jax.tree.map(lambda x: x[:0], template)
+    template = batch
+    yield pad_batch(batch, batch_size)
+
+
+def pad_batch(batch: dict[str, np.ndarray],
+              batch_size: int) -> dict[str, np.ndarray]:
+  """Zero-pads every field to ``batch_size`` rows and adds ``_mask``."""
+  n = len(next(iter(batch.values())))
+  padded = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:],
+                                           v.dtype)])
+            for k, v in batch.items()}
+  padded[MASK_KEY] = np.arange(batch_size) < n
+  return padded

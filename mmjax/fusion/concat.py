@@ -1,0 +1,59 @@
+"""Late fusion by concatenation."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.encoders.base import Encoding
+from mmjax.registry import FUSIONS
+
+
+def check_pooled(encodings: dict[str, Encoding], block: str) -> None:
+  """Raises ``ValueError`` unless every ``pooled`` is ``[batch, dim]`` with one
+  shared batch size. ``block`` names the caller in the message."""
+  shapes = {name: enc.pooled.shape for name, enc in encodings.items()}
+  for name, shape in shapes.items():
+    if len(shape) != 2:
+      raise ValueError(
+          f"{block} modality {name!r} needs pooled of shape [batch, dim]; "
+          f"got {shape}.")
+  if len({shape[0] for shape in shapes.values()}) > 1:
+    raise ValueError(
+        f"{block} modalities disagree on batch size; pooled shapes: {shapes}.")
+
+
+@FUSIONS.register("concat")
+class ConcatFusion(nn.Module):
+  """Late fusion: concatenate each modality's ``pooled`` vector, then an MLP.
+
+  With one modality this is the unimodal baseline, the same code path as the
+  multimodal model.
+
+  Modalities are concatenated in dict order. Note that a dict passed *into* a
+  ``jax.jit``-ed function comes out with its keys sorted, so build the dict
+  inside the traced function if the order matters.
+
+  Attributes:
+    hidden: widths of the MLP's ReLU layers; ``()`` returns the concatenation.
+  """
+  hidden: tuple[int, ...] = ()
+
+  @nn.compact
+  def __call__(self, encodings: dict[str, Encoding], *,
+               train: bool) -> jax.Array:
+    """Fuses ``{name: Encoding}``, each with ``pooled [batch, dim_m]``.
+
+    Returns:
+      ``[batch, hidden[-1]]``, or ``[batch, sum_m dim_m]`` if ``hidden`` is
+      empty.
+    """
+    del train
+    if not encodings:
+      raise ValueError("Concat fusion needs at least one modality.")
+    check_pooled(encodings, "Concat")
+    x = jnp.concatenate([enc.pooled for enc in encodings.values()], axis=-1)
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return x

@@ -1,0 +1,35 @@
+"""Output heads."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from mmjax.registry import HEADS
+
+
+@HEADS.register("classifier")
+class ClassifierHead(nn.Module):
+  """MLP classifier: ``hidden`` ReLU layers, each followed by dropout, then a
+  linear layer to logits.
+
+  Attributes:
+    num_classes: number of output classes.
+    hidden: widths of the hidden layers; ``()`` gives a linear classifier.
+    dropout: dropout rate after each hidden layer (rng collection
+      ``'dropout'``, only when training).
+  """
+  num_classes: int
+  hidden: tuple[int, ...] = (256,)
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """``[batch, dim]`` fused features -> ``[batch, num_classes]`` logits."""
+    if x.ndim != 2:
+      raise ValueError(
+          f"ClassifierHead needs features of shape [batch, dim]; got {x.shape}.")
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes)(x)

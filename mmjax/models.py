@@ -1,0 +1,114 @@
+"""Assembles a multimodal model from named parts in the config.
+
+    encoders (one per fused modality) -> fusion block -> heads
+
+``config.model.modalities`` chooses which modalities are fused, so a unimodal
+baseline is ``modalities=("image",)`` with a fusion that accepts one input
+(``concat``). Every hyper-parameter in ``config.model.encoders.<modality>``,
+``config.model.fusion`` and ``config.model.heads.<head>`` is passed one to one
+to the module of that name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from mmjax import registry
+from mmjax.encoders.base import Encoding
+
+# Keys of a part's config that configure the assembly, not the module.
+PART_KEYS = ("name",)
+HEAD_KEYS = ("name", "target", "weight")  # A head's labels and loss weight.
+
+
+class MultimodalModel(nn.Module):
+  """Encoders -> fusion -> heads.
+
+  Attributes:
+    encoders: modality -> encoder module (unbound), in fusion order.
+    fusion: the fusion block.
+    heads: head name -> head module.
+  """
+  encoders: Mapping[str, nn.Module]
+  fusion: nn.Module
+  heads: Mapping[str, nn.Module]
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], *,
+               train: bool) -> dict[str, jax.Array]:
+    """``batch[modality]`` (and optional ``batch[f"{modality}_mask"]``) ->
+    ``{head: logits [batch, num_classes]}``."""
+    encodings: dict[str, Encoding] = {}
+    for modality, encoder in self.encoders.items():
+      if modality not in batch:
+        raise ValueError(f"The model fuses modality {modality!r} but the batch "
+                         f"has only: {', '.join(sorted(batch))}.")
+      encodings[modality] = encoder(batch[modality],
+                                    batch.get(f"{modality}_mask"), train=train)
+    fused = self.fusion(encodings, train=train)
+    return {name: head(fused, train=train) for name, head in self.heads.items()}
+
+
+def build_model(model_config: ml_collections.ConfigDict, *,
+                vocab_sizes: Mapping[str, int],
+                num_classes: Mapping[str, int],
+                axis_name: str | None) -> MultimodalModel:
+  """Instantiates the configured parts.
+
+  Args:
+    model_config: ``config.model``.
+    vocab_sizes: text modality -> vocabulary size (from the data), given to
+      encoders that have a ``vocab_size`` attribute left unset.
+    num_classes: target field -> number of classes (from the dataset), given to
+      heads whose ``num_classes`` is unset.
+    axis_name: the data-parallel axis, given to every part with an
+      ``axis_name`` attribute (synchronised BatchNorm statistics).
+  """
+  import mmjax.encoders  # pylint: disable=g-import-not-at-top,unused-import
+  import mmjax.fusion  # pylint: disable=g-import-not-at-top,unused-import
+  import mmjax.heads  # pylint: disable=g-import-not-at-top,unused-import
+
+  encoders = {}
+  for modality in model_config.modalities:
+    part = model_config.encoders[modality]
+    encoders[modality] = _instantiate(
+        registry.ENCODERS, part, PART_KEYS, axis_name,
+        vocab_size=vocab_sizes.get(modality))
+  heads = {}
+  for head_name, part in model_config.heads.items():
+    heads[head_name] = _instantiate(registry.HEADS, part, HEAD_KEYS, axis_name,
+                                    num_classes=num_classes.get(part.target))
+  fusion = _instantiate(registry.FUSIONS, model_config.fusion, PART_KEYS,
+                        axis_name)
+  return MultimodalModel(encoders=encoders, fusion=fusion, heads=heads)
+
+
+def _instantiate(reg: registry.Registry, part: ml_collections.ConfigDict,
+                 assembly_keys: tuple[str, ...], axis_name: str | None,
+                 **from_data: Any) -> nn.Module:
+  """``reg[part.name](**part)``, filling unset data-dependent fields."""
+  cls = reg.get(part.name)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  kwargs = {k: _freeze(v) for k, v in part.items() if k not in assembly_keys}
+  for key, value in from_data.items():
+    if key in fields and kwargs.get(key) is None and value is not None:
+      kwargs[key] = value
+  if "axis_name" in fields:
+    kwargs["axis_name"] = axis_name
+  return cls(**kwargs)
+
+
+def _freeze(value: Any) -> Any:
+  """Lists from JSON/ConfigDict -> tuples, so module attributes hash."""
+  if isinstance(value, list):
+    return tuple(_freeze(v) for v in value)
+  return value
+
+
+def count_params(params: Any) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,141 @@
+"""Data parallelism: the only module that knows about devices.
+
+A step is written for one device (see ``mmjax.steps``) and averages what must
+agree over the named axis ``AXIS``. ``DataParallel`` maps it over every device
+with one of two interchangeable backends:
+
+* ``pmap`` (default): the state is replicated with a leading ``[devices]``
+  axis and each local batch is split into ``[devices, per_device, ...]``.
+* ``shard_map``: ``jax.shard_map`` under ``jax.jit`` over a 1-D ``Mesh``; the
+  state is one replicated global array per leaf and the batch one global array
+  sharded along its first axis. (JAX implements pmap on top of shard_map and
+  recommends the latter.) Replication checking (``check_vma``) is off: flax's
+  scanned RNNs start from an unvarying carry that the check rejects, while the
+  step makes every output equal across devices with ``pmean``/``psum``
+  (``tests/test_parallel.py`` checks the result against one device).
+
+Both donate the state, so an update reuses its buffers. Everything leaving
+this module for the host (metrics, state to save) is a single unreplicated
+copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "batch"
+BACKENDS = ("pmap", "shard_map")
+
+PyTree = Any
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-host job when launched as one (no-op on a single host).
+
+  Set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID`` (or run under a cluster JAX detects, e.g. SLURM or
+  Cloud TPU) to start a multi-host run.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
+      "SLURM_NTASKS", "1") != "1":
+    jax.distributed.initialize()
+
+
+class DataParallel:
+  """Maps per-device steps over all devices with ``backend``."""
+
+  def __init__(self, backend: str = "pmap", devices=None):
+    if backend not in BACKENDS:
+      raise ValueError(f"Unknown parallel backend {backend!r}. Valid: "
+                       f"{', '.join(BACKENDS)}.")
+    self.backend = backend
+    self.devices = list(devices or jax.devices())
+    self.local_devices = [d for d in self.devices
+                          if d.process_index == jax.process_index()]
+    self.mesh = Mesh(np.array(self.devices), (AXIS,))
+    self._local_mesh = Mesh(np.array(self.local_devices), (AXIS,))
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  # State ---------------------------------------------------------------------
+
+  def replicate(self, tree: PyTree) -> PyTree:
+    """Host state -> device state (one copy per device)."""
+    if self.backend == "shard_map":
+      return jax.device_put(tree, NamedSharding(self.mesh, P()))
+    n = len(self.local_devices)
+
+    def stack(x):
+      x = np.stack([np.asarray(x)] * n)
+      return jax.device_put(x, self._pmap_sharding)
+
+    return jax.tree.map(stack, tree)
+
+  def unreplicate(self, tree: PyTree) -> PyTree:
+    """Device state -> one copy (on the first local device)."""
+    if self.backend == "shard_map":
+      return tree
+    return jax.tree.map(lambda x: x[0], tree)
+
+  # Batches -------------------------------------------------------------------
+
+  def shard_batch(self, batch: dict[str, np.ndarray]) -> PyTree:
+    """This process's ``[local_batch, ...]`` -> the global batch on devices."""
+    if self.backend == "shard_map":
+      sharding = NamedSharding(self.mesh, P(AXIS))
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+    n = len(self.local_devices)
+
+    def split(x):
+      if x.shape[0] % n:
+        raise ValueError(f"Local batch of {x.shape[0]} does not split over "
+                         f"{n} devices; use a batch size divisible by {n}.")
+      x = x.reshape((n, x.shape[0] // n) + x.shape[1:])
+      return jax.device_put(x, self._pmap_sharding)
+
+    return jax.tree.map(split, batch)
+
+  @property
+  def _pmap_sharding(self) -> NamedSharding:
+    """Leading axis over this process's devices, as pmap lays out its inputs."""
+    return NamedSharding(self._local_mesh, P(AXIS))
+
+  # Steps ---------------------------------------------------------------------
+
+  def train_step(self, step_fn: Callable[..., tuple[PyTree, PyTree]]
+                 ) -> Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]:
+    """``step_fn(state, batch, axis_name=...) -> (state, metrics)`` over all
+    devices; returned metrics are unreplicated scalars (still on device)."""
+    per_device = lambda state, batch: step_fn(state, batch, axis_name=AXIS)
+    if self.backend == "shard_map":
+      mapped = jax.shard_map(per_device, mesh=self.mesh,
+                             in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                             check_vma=False)
+      return jax.jit(mapped, donate_argnums=0)
+    pmapped = jax.pmap(per_device, axis_name=AXIS, donate_argnums=0,
+                       devices=self.devices)
+
+    def step(state, batch):
+      state, metrics = pmapped(state, batch)
+      return state, self.unreplicate(metrics)
+
+    return step
+
+  def eval_step(self, step_fn: Callable[..., PyTree]
+                ) -> Callable[[PyTree, PyTree], PyTree]:
+    """``step_fn(state, batch, axis_name=...) -> sums`` over all devices."""
+    per_device = lambda state, batch: step_fn(state, batch, axis_name=AXIS)
+    if self.backend == "shard_map":
+      return jax.jit(jax.shard_map(per_device, mesh=self.mesh,
+                                   in_specs=(P(), P(AXIS)), out_specs=P(),
+                                   check_vma=False))
+    pmapped = jax.pmap(per_device, axis_name=AXIS, devices=self.devices)
+    return lambda state, batch: self.unreplicate(pmapped(state, batch))

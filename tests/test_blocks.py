@@ -1,0 +1,340 @@
+"""Tests for the encoders, fusion blocks and head."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mmjax.encoders  # Registers the encoders.
+import mmjax.fusion  # Registers the fusion blocks.
+from mmjax.encoders import Encoding
+from mmjax.encoders.image import ConvEncoder
+from mmjax.encoders.text import LSTMEncoder
+from mmjax.fusion.concat import ConcatFusion
+from mmjax.fusion.film import FiLMFusion
+from mmjax.heads import ClassifierHead
+from mmjax.registry import ENCODERS, FUSIONS, HEADS
+
+B = 4  # Batch size.
+T = 6  # Question length.
+
+
+def _key(i: int) -> jax.Array:
+  # The "rbg" generator, because on CPU the default threefry (partitionable
+  # since jax 0.5) takes seconds to compile for each new parameter shape.
+  return jax.random.key(i, impl="rbg")
+
+
+def _init(module, *args, **kwargs):
+  return module.init({"params": _key(0), "dropout": _key(1)}, *args,
+                     train=False, **kwargs)
+
+
+def _apply(module, variables, *args, train: bool):
+  """Applies ``module``; in training also returns the updated batch stats."""
+  return module.apply(variables, *args, train=train,
+                      mutable=["batch_stats"] if train else False,
+                      rngs={"dropout": _key(2)})
+
+
+def assert_jit_agrees(module, variables, *args):
+  """Asserts jitted and eager application agree, in eval and training mode."""
+  for train in (False, True):
+    f = functools.partial(_apply, module, train=train)
+    eager = f(variables, *args)
+    jitted = jax.jit(f)(variables, *args)
+    chex.assert_trees_all_close(jitted, eager, atol=1e-5, rtol=1e-5)
+
+
+def assert_every_param_gets_grad(module, variables, *args):
+  """Asserts each parameter leaf gets some non-zero gradient in training.
+
+  The loss is a fixed random projection of every float output leaf, so no
+  output direction is favoured and no gradient cancels by symmetry.
+  """
+  params = variables["params"]
+  rest = {k: v for k, v in variables.items() if k != "params"}
+
+  def loss(p):
+    out, _ = _apply(module, {"params": p, **rest}, *args, train=True)
+    leaves = [x for x in jax.tree.leaves(out)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return sum(jnp.sum(x * np.random.default_rng(i).normal(size=x.shape))
+               for i, x in enumerate(leaves))
+
+  grads = jax.jit(jax.grad(loss))(params)
+  dead = [jax.tree_util.keystr(path)
+          for path, g in jax.tree_util.tree_leaves_with_path(grads)
+          if not np.any(np.asarray(g))]
+  assert jax.tree.leaves(grads), "module has no parameters"
+  assert not dead, f"parameters with all-zero gradient: {dead}"
+
+
+def _param_count(module, *args, **kwargs) -> int:
+  shapes = jax.eval_shape(functools.partial(_init, module, **kwargs), *args)
+  return sum(x.size for x in jax.tree.leaves(shapes.get("params", {})))
+
+
+def _images(h=16, w=16, c=3):
+  return jax.random.normal(_key(10), (B, h, w, c))
+
+
+def _question(vocab=20):
+  ids = jax.random.randint(_key(11), (B, T), 0, vocab)
+  lengths = jnp.array([T, 4, 1, 3])
+  mask = jnp.arange(T)[None] < lengths[:, None]
+  return ids, mask
+
+
+def _vec(i: int, dim: int) -> Encoding:
+  return Encoding(pooled=jax.random.normal(_key(20 + i), (B, dim)))
+
+
+def _image_enc(h=4, c=8) -> Encoding:
+  return Encoding(pooled=jax.random.normal(_key(30), (B, 12)),
+                  tokens=jax.random.normal(_key(31), (B, h, h, c)))
+
+
+def _seq_enc(d=8) -> Encoding:
+  _, mask = _question()
+  tokens = jax.random.normal(_key(32), (B, T, d)) * mask[..., None]
+  return Encoding(pooled=jax.random.normal(_key(33), (B, 10)), tokens=tokens,
+                  mask=mask)
+
+
+# Registries.
+
+
+def test_registries_list_parts():
+  assert {"cnn", "lstm"} <= set(ENCODERS.names())
+  assert FUSIONS.names() == ["concat", "film"]
+  assert HEADS.names() == ["classifier"]
+  assert ENCODERS.get("cnn") is ConvEncoder
+  assert ENCODERS.get("lstm") is LSTMEncoder
+  assert FUSIONS.get("concat") is ConcatFusion
+  assert FUSIONS.get("film") is FiLMFusion
+  assert HEADS.get("classifier") is ClassifierHead
+
+
+def test_unknown_name_lists_valid_names():
+  with pytest.raises(ValueError, match="'nope'.*concat, film"):
+    FUSIONS.get("nope")
+
+
+def test_config_dict_maps_onto_attributes():
+  enc = ENCODERS.get("cnn")(**{"features": (32, 64), "dim": 128})
+  assert (enc.features, enc.dim, enc.axis_name) == ((32, 64), 128, None)
+
+
+def test_default_parameter_counts():
+  """Exact counts at default settings: 32x32x3 images, 12-token questions."""
+  images = jnp.zeros((2, 32, 32, 3))
+  ids = jnp.zeros((2, 12), jnp.int32)
+  assert _param_count(ConvEncoder(), images) == 543_904
+  assert _param_count(LSTMEncoder(vocab_size=64), ids) == 102_912
+  encs = {"image": Encoding(pooled=jnp.zeros((2, 128)),
+                            tokens=jnp.zeros((2, 8, 8, 64))),
+          "question": Encoding(pooled=jnp.zeros((2, 128)))}
+  assert _param_count(ConcatFusion(), encs) == 0
+  assert _param_count(FiLMFusion(), encs) == 648_320
+  assert _param_count(ClassifierHead(num_classes=10),
+                      jnp.zeros((2, 128))) == 35_594
+
+
+# ConvEncoder.
+
+
+def test_conv_encoder():
+  enc = ConvEncoder(features=(8, 16), dim=32)
+  x = _images()
+  variables = _init(enc, x)
+  out = enc.apply(variables, x, train=False)
+  chex.assert_shape(out.pooled, (B, 32))
+  chex.assert_shape(out.tokens, (B, 4, 4, 16))
+  assert out.mask is None
+  assert_jit_agrees(enc, variables, x)
+  assert_every_param_gets_grad(enc, variables, x)
+
+
+def test_conv_encoder_shape_errors():
+  enc = ConvEncoder(features=(8, 16))
+  with pytest.raises(ValueError, match=r"ConvEncoder.*\(4, 16, 16\)"):
+    _init(enc, jnp.zeros((4, 16, 16)))
+  with pytest.raises(ValueError, match=r"at least 4.*\(4, 3, 16, 3\)"):
+    _init(enc, jnp.zeros((4, 3, 16, 3)))
+
+
+# LSTMEncoder.
+
+
+def test_lstm_encoder():
+  enc = LSTMEncoder(vocab_size=20, embed_dim=8, hidden=16)
+  ids, mask = _question()
+  variables = _init(enc, ids, mask)
+  out = enc.apply(variables, ids, mask, train=False)
+  chex.assert_shape(out.pooled, (B, 16))
+  chex.assert_shape(out.tokens, (B, T, 16))
+  chex.assert_trees_all_equal(out.mask, mask)
+  assert_jit_agrees(enc, variables, ids, mask)
+  assert_every_param_gets_grad(enc, variables, ids, mask)
+
+
+def test_lstm_ignores_padding():
+  enc = LSTMEncoder(vocab_size=20, embed_dim=8, hidden=16)
+  ids, mask = _question()
+  other_ids = jnp.where(mask, ids, (ids + 7) % 20)
+  assert np.any(np.asarray(other_ids != ids))
+  variables = _init(enc, ids, mask)
+  out = enc.apply(variables, ids, mask, train=False)
+  other = enc.apply(variables, other_ids, mask, train=False)
+  chex.assert_trees_all_close(other, out, atol=1e-6, rtol=1e-6)
+
+  # pooled is the output at each sequence's last real token ...
+  last = mask.sum(-1) - 1
+  chex.assert_trees_all_close(out.pooled, out.tokens[jnp.arange(B), last],
+                              atol=1e-6, rtol=1e-6)
+  assert not np.any(np.asarray(out.tokens[~mask]))
+  # ... which differs from reading the padded sequence to its end.
+  unmasked = enc.apply(variables, ids, None, train=False)
+  assert not np.allclose(unmasked.pooled[1:], out.pooled[1:])
+
+
+def test_lstm_empty_sequence_pools_to_zero():
+  enc = LSTMEncoder(vocab_size=20, embed_dim=8, hidden=16)
+  ids, _ = _question()
+  mask = jnp.zeros_like(ids, bool)
+  out = enc.apply(_init(enc, ids, mask), ids, mask, train=False)
+  assert not np.any(np.asarray(out.pooled))
+
+
+def test_lstm_shape_errors():
+  enc = LSTMEncoder(vocab_size=20)
+  with pytest.raises(ValueError, match=r"LSTMEncoder.*\(4, 6, 1\)"):
+    _init(enc, jnp.zeros((4, 6, 1), jnp.int32))
+  with pytest.raises(ValueError, match=r"\(4, 5\).*\(4, 6\)"):
+    _init(enc, jnp.zeros((4, 6), jnp.int32), jnp.ones((4, 5), bool))
+
+
+# ConcatFusion.
+
+
+@pytest.mark.parametrize("num_modalities", [1, 2, 3])
+def test_concat_fusion(num_modalities):
+  encs = {f"m{i}": _vec(i, 5 + i) for i in range(num_modalities)}
+  total = sum(5 + i for i in range(num_modalities))
+  no_mlp = ConcatFusion()
+  out = no_mlp.apply(_init(no_mlp, encs), encs, train=False)
+  chex.assert_shape(out, (B, total))
+  fusion = ConcatFusion(hidden=(16, 8))
+  variables = _init(fusion, encs)
+  chex.assert_shape(fusion.apply(variables, encs, train=False), (B, 8))
+  assert_jit_agrees(fusion, variables, encs)
+  assert_every_param_gets_grad(fusion, variables, encs)
+
+
+def test_concat_shape_errors():
+  fusion = ConcatFusion()
+  encs = {"image": _vec(0, 5), "question": Encoding(pooled=jnp.zeros((B, 3, 2)))}
+  with pytest.raises(ValueError, match=r"'question'.*\(4, 3, 2\)"):
+    _init(fusion, encs)
+  encs = {"image": _vec(0, 5), "question": Encoding(pooled=jnp.zeros((2, 3)))}
+  with pytest.raises(ValueError, match=r"batch size.*'question': \(2, 3\)"):
+    _init(fusion, encs)
+
+
+# FiLMFusion.
+
+FILM_CASES = {
+    "image+question": ("image", lambda: {
+        "image": _image_enc(), "question": _vec(0, 10)}),
+    "image+question+audio": ("image", lambda: {
+        "audio": _vec(1, 6), "image": _image_enc(), "question": _vec(0, 10)}),
+    "sequence_target": ("question", lambda: {
+        "image": _vec(2, 12), "question": _seq_enc()}),
+}
+
+
+@pytest.mark.parametrize("case", FILM_CASES)
+def test_film_fusion(case):
+  target, make_encs = FILM_CASES[case]
+  encs = make_encs()
+  fusion = FiLMFusion(target=target, num_blocks=2, channels=8, dim=16)
+  variables = _init(fusion, encs)
+  chex.assert_shape(fusion.apply(variables, encs, train=False), (B, 16))
+  assert ("batch_stats" in variables) == (target == "image")
+  assert_jit_agrees(fusion, variables, encs)
+  assert_every_param_gets_grad(fusion, variables, encs)
+
+
+def test_film_coords_are_optional():
+  encs = FILM_CASES["image+question"][1]()
+  with_coords = FiLMFusion(channels=8, dim=16)
+  without = FiLMFusion(channels=8, dim=16, use_coords=False)
+  kernel = lambda m: _init(m, encs)["params"]["stem"]["kernel"]
+  chex.assert_shape(kernel(with_coords), (1, 1, 8 + 2, 8))
+  chex.assert_shape(kernel(without), (1, 1, 8, 8))
+
+
+def test_film_sequence_target_ignores_padding():
+  encs = FILM_CASES["sequence_target"][1]()
+  seq = encs["question"]
+  noisy = seq.replace(tokens=jnp.where(
+      seq.mask[..., None], seq.tokens, 3. + seq.tokens**2))
+  assert not np.allclose(noisy.tokens, seq.tokens)
+  fusion = FiLMFusion(target="question", channels=8, dim=16)
+  variables = _init(fusion, encs)
+  out = fusion.apply(variables, encs, train=False)
+  other = fusion.apply(variables, {**encs, "question": noisy}, train=False)
+  chex.assert_trees_all_close(other, out, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("encs, message", [
+    ({"question": _vec(0, 10)},
+     r"target modality 'image' is missing; present modalities: \['question'\]"),
+    ({"image": _image_enc()},
+     r"FiLM needs a conditioning modality.*'concat' for unimodal"),
+    ({"image": Encoding(pooled=jnp.zeros((B, 10)), tokens=jnp.zeros((8, 10))),
+      "question": _vec(0, 10)},
+     r"'image' needs tokens of shape \[batch, height, width, channels\]"
+     r".*got \(8, 10\)"),
+    ({"image": _vec(1, 10), "question": _vec(0, 10)},
+     r"'image' needs tokens.*gave none"),
+    ({"image": _image_enc(), "question": Encoding(pooled=jnp.zeros((B,)))},
+     r"'question' needs pooled of shape \[batch, dim\]; got \(4,\)"),
+    ({"image": _image_enc(), "question": Encoding(pooled=jnp.zeros((2, 3)))},
+     r"'image' has tokens \(4, 4, 4, 8\).*batch size 2"),
+])
+def test_film_shape_errors(encs, message):
+  with pytest.raises(ValueError, match=message):
+    _init(FiLMFusion(), encs)
+
+
+def test_film_sequence_mask_shape_error():
+  encs = FILM_CASES["sequence_target"][1]()
+  bad = encs["question"].replace(mask=jnp.ones((B, T + 1), bool))
+  with pytest.raises(ValueError, match=r"'question'.*\(4, 6, 8\).*\(4, 7\)"):
+    _init(FiLMFusion(target="question"), {**encs, "question": bad})
+
+
+# ClassifierHead.
+
+
+def test_classifier_head():
+  head = ClassifierHead(num_classes=7, hidden=(16, 8), dropout=0.5)
+  x = jax.random.normal(_key(40), (B, 12))
+  variables = _init(head, x)
+  chex.assert_shape(head.apply(variables, x, train=False), (B, 7))
+  train_out, _ = _apply(head, variables, x, train=True)
+  assert not np.allclose(train_out, head.apply(variables, x, train=False))
+  assert_jit_agrees(head, variables, x)
+  assert_every_param_gets_grad(head, variables, x)
+
+
+def test_classifier_head_shape_error():
+  with pytest.raises(ValueError, match=r"ClassifierHead.*\(4, 3, 2\)"):
+    _init(ClassifierHead(num_classes=3), jnp.zeros((4, 3, 2)))

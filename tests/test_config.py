@@ -1,0 +1,116 @@
+"""Experiment files and config validation: bad input fails early and clearly."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mmjax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_experiment(name="mm_shapes"):
+  path = os.path.join(ROOT, "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture
+def get_config():
+  return load_experiment().get_config
+
+
+def test_parse_arg_types_values_like_defaults():
+  arg = config_lib.parse_arg("fusion=concat,runlocal,modalities=image,steps=7",
+                             fusion="film", runlocal=False,
+                             modalities=("image", "question"), steps=1)
+  assert arg.fusion == "concat" and arg.runlocal is True
+  assert arg.modalities == ("image",) and arg.steps == 7
+
+
+def test_parse_arg_rejects_unknown_and_mistyped_arguments():
+  with pytest.raises(ValueError, match="Unknown config argument 'fuson'.*fusion"):
+    config_lib.parse_arg("fuson=concat", fusion="film")
+  with pytest.raises(ValueError, match="'steps' takes a int; got 'many'"):
+    config_lib.parse_arg("steps=many", steps=1)
+
+
+@pytest.mark.parametrize("arg", ["", "fusion=concat", "modalities=image",
+                                 "modalities=question", "dataset=relational",
+                                 "runlocal"])
+def test_every_variant_validates(get_config, arg):
+  config_lib.validate_config(get_config(arg))
+
+
+def test_unimodal_variant_uses_concat(get_config):
+  config = get_config("modalities=image")
+  assert config.model.modalities == ("image",)
+  assert config.model.fusion.name == "concat"
+
+
+def test_unknown_fusion_lists_valid_names(get_config):
+  config = get_config()
+  config.model.fusion.name = "tensor_magic"
+  with pytest.raises(ValueError, match=r"Unknown fusion 'tensor_magic'.*concat.*film"):
+    config_lib.validate_config(config)
+
+
+def test_unknown_encoder_lists_valid_names(get_config):
+  config = get_config()
+  config.model.encoders.image.name = "resnet9000"
+  with pytest.raises(ValueError, match=r"Unknown encoder 'resnet9000'.*cnn.*lstm"):
+    config_lib.validate_config(config)
+
+
+def test_unknown_hyperparameter_lists_valid_ones(get_config):
+  config = get_config()
+  config.model.fusion.num_blocs = 3
+  with pytest.raises(ValueError, match=r"fusion.num_blocs is not a hyper-parameter.*num_blocks"):
+    config_lib.validate_config(config)
+
+
+def test_modality_without_encoder_is_named(get_config):
+  config = get_config()
+  config.model.modalities = ("image", "audio")
+  with pytest.raises(ValueError, match="Modality 'audio'.*no encoder"):
+    config_lib.validate_config(config)
+
+
+def test_unknown_op_in_pipeline(get_config):
+  config = get_config()
+  config.input.pp_train += "|sharpen(key='image')"
+  with pytest.raises(ValueError, match="Unknown preprocessing op 'sharpen'"):
+    config_lib.validate_config(config)
+
+
+def test_batch_size_must_divide_over_devices(get_config):
+  config = get_config()
+  config.input.batch_size = 30  # 4 simulated devices in the tests.
+  with pytest.raises(ValueError, match=r"batch_size=30 must be a positive multiple.*\(4\)"):
+    config_lib.validate_config(config)
+
+
+def test_unknown_backend(get_config):
+  config = get_config()
+  config.parallel.backend = "pjit"
+  with pytest.raises(ValueError, match="backend 'pjit'. Valid: pmap, shard_map"):
+    config_lib.validate_config(config)
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "mmjax.main", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_rejects_unknown_key_and_wrong_type(tmp_path):
+  config = "--config=experiments/mm_shapes.py:runlocal"
+  unknown = _main(config, f"--workdir={tmp_path}", "--config.train.stepz=3")
+  assert unknown.returncode != 0 and "stepz" in unknown.stderr
+  mistyped = _main(config, f"--workdir={tmp_path}", "--config.train.steps=abc")
+  assert mistyped.returncode != 0 and "steps" in mistyped.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")

@@ -1,0 +1,87 @@
+"""Both data-parallel backends on 4 simulated devices match one device."""
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from mmjax import losses, models, optim, parallel, steps
+
+GLOBAL_BATCH = 8
+NUM_STEPS = 20
+
+
+def _config():
+  return ml_collections.ConfigDict(dict(
+      model=dict(
+          modalities=("image", "question"),
+          encoders=dict(image=dict(name="cnn", features=(8, 16), dim=16),
+                        question=dict(name="lstm", embed_dim=8, hidden=16)),
+          fusion=dict(name="film", target="image", num_blocks=1, channels=8,
+                      dim=16),
+          heads=dict(answer=dict(name="classifier", target="answer",
+                                 hidden=(16,)))),
+      optim=dict(name="adamw", learning_rate=3e-3, schedule="warmup_cosine",
+                 warmup_steps=2, weight_decay=1e-4, b1=0.9, b2=0.999,
+                 grad_clip_norm=1.0)))
+
+
+def _batches():
+  """Two fixed random batches, alternated, so that the loss can fall."""
+  rng = np.random.default_rng(0)
+  for _ in range(2):
+    lengths = rng.integers(2, 7, GLOBAL_BATCH)
+    mask = np.arange(7)[None] < lengths[:, None]
+    yield {"image": rng.normal(size=(GLOBAL_BATCH, 16, 16, 3)).astype(np.float32),
+           "question": (rng.integers(2, 20, (GLOBAL_BATCH, 7)) * mask).astype(np.int32),
+           "question_mask": mask,
+           "answer": rng.integers(0, 5, GLOBAL_BATCH).astype(np.int32)}
+
+
+def _train_losses(backend, devices):
+  config = _config()
+  dp = parallel.DataParallel(backend, devices=devices)
+  model = models.build_model(config.model, vocab_sizes={"question": 20},
+                             num_classes={"answer": 5}, axis_name=parallel.AXIS)
+  schedule = optim.make_schedule(config.optim, NUM_STEPS)
+  tx = optim.make_optimizer(config.optim, schedule)
+  batches = list(_batches()) * (NUM_STEPS // 2)
+  state = steps.create_train_state(model, tx, batches[0], jax.random.PRNGKey(0))
+  state = dp.replicate(state)
+  step = dp.train_step(functools.partial(
+      steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
+      targets=losses.head_targets(config.model.heads)))
+  history = []
+  for batch in batches:
+    state, metrics = step(state, dp.shard_batch(batch))
+    history.append(float(metrics["loss"]))
+  return np.array(history), jax.device_get(dp.unreplicate(state).params)
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  return _train_losses("pmap", jax.devices()[:1])
+
+
+@pytest.mark.parametrize("backend", parallel.BACKENDS)
+def test_four_devices_match_one(backend, single_device):
+  assert jax.device_count() == 4, "conftest sets 4 simulated CPU devices"
+  ref_losses, ref_params = single_device
+  losses_4, params_4 = _train_losses(backend, jax.devices())
+  assert ref_losses[-1] < ref_losses[0]  # It trains: the comparison is not vacuous.
+  np.testing.assert_allclose(losses_4, ref_losses, atol=1e-5, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+               params_4, ref_params)
+
+
+def test_unknown_backend_lists_valid_ones():
+  with pytest.raises(ValueError, match="pmap, shard_map"):
+    parallel.DataParallel("tpu_magic")
+
+
+def test_batch_not_divisible_by_devices_is_explained():
+  dp = parallel.DataParallel("pmap")
+  with pytest.raises(ValueError, match="divisible by 4"):
+    dp.shard_batch({"x": np.zeros((6, 2))})

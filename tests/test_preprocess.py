@@ -1,0 +1,107 @@
+"""Preprocessing ops, the pipeline-string parser and the tokenizer."""
+
+import numpy as np
+import pytest
+
+from mmjax.data import preprocess
+from mmjax.data.tokenizer import Vocabulary
+
+
+def _batch(n=4):
+  rng = np.random.default_rng(0)
+  return {"image": rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+          "question": np.array([b"is there a red circle?",
+                                b"how many shapes are there?",
+                                b"what color is the square?",
+                                b"zebra"][:n]),
+          "answer": np.arange(n)}
+
+
+def test_parse_pp_reads_ops_and_arguments():
+  ops = preprocess.parse_pp("normalize(key='image', mean=0.5)|keep(keys=('a',))|flip_left_right")
+  assert ops == [("normalize", {"key": "image", "mean": 0.5}),
+                 ("keep", {"keys": ("a",)}), ("flip_left_right", {})]
+
+
+def test_unknown_op_lists_valid_names():
+  with pytest.raises(ValueError, match=r"Unknown preprocessing op 'nope'.*normalize"):
+    preprocess.parse_pp("normalize|nope(x=1)")
+
+
+def test_malformed_op_says_how_to_write_it():
+  with pytest.raises(ValueError, match="name\\(key=value"):
+    preprocess.parse_pp("normalize(key=image)")
+
+
+def test_vocabulary_orders_by_frequency_and_pads():
+  vocab = Vocabulary.from_texts([b"a b b", "B c?"])
+  assert vocab.words == ["b", "a", "c"]
+  assert vocab.size == 5
+  np.testing.assert_array_equal(vocab.encode("b zzz a", 5), [2, 1, 3, 0, 0])
+  np.testing.assert_array_equal(vocab.encode("a a a a a a", 3), [3, 3, 3])
+
+
+def test_vocabulary_save_load_roundtrip(tmp_path):
+  vocab = Vocabulary.from_texts(["x y y"])
+  vocab.save(str(tmp_path / "v" / "q.json"))
+  assert Vocabulary.load(str(tmp_path / "v" / "q.json")).words == vocab.words
+
+
+def test_pipeline_normalizes_tokenizes_and_keeps():
+  batch = _batch()
+  vocab = Vocabulary.from_texts(batch["question"][:3])
+  pp = preprocess.build_pp(
+      "normalize(key='image', mean=0.0, std=1.0)|tokenize(key='question', max_len=6)"
+      "|keep(keys=('image', 'question', 'question_mask', 'answer'))",
+      {"question": vocab})
+  out = pp(batch, np.random.default_rng(0))
+  assert set(out) == {"image", "question", "question_mask", "answer"}
+  assert out["image"].dtype == np.float32 and out["image"].max() <= 1.0
+  np.testing.assert_allclose(out["image"], batch["image"] / 255.0, rtol=1e-6)
+  assert out["question"].shape == (4, 6) and out["question"].dtype == np.int32
+  np.testing.assert_array_equal(out["question_mask"].sum(1), [5, 5, 5, 1])
+  assert out["question"][3, 0] == Vocabulary.unk_id
+
+
+def test_tokenize_without_vocabulary_names_the_key():
+  with pytest.raises(ValueError, match="tokenize\\(key='caption'\\) has no vocabulary"):
+    preprocess.build_pp("tokenize(key='caption')", {})
+
+
+def test_random_crop_translates_and_is_seeded():
+  x = np.zeros((2, 6, 6, 1), np.uint8)
+  x[:, 2:4, 2:4] = 255
+  op = preprocess.random_crop(key="image", pad=2)
+  a = op({"image": x}, np.random.default_rng(3))["image"]
+  b = op({"image": x}, np.random.default_rng(3))["image"]
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == x.shape
+  assert (a.reshape(2, -1) > 0).sum(1).tolist() == [4, 4]  # Object stays inside.
+
+
+def test_flip_mirrors_some_examples():
+  x = np.arange(8 * 4 * 4, dtype=np.float32).reshape(8, 4, 4, 1)
+  out = preprocess.flip_left_right("image")({"image": x}, np.random.default_rng(0))["image"]
+  flipped = [np.array_equal(o, xi[:, ::-1]) for o, xi in zip(out, x)]
+  kept = [np.array_equal(o, xi) for o, xi in zip(out, x)]
+  assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+
+
+def test_blur_preserves_constant_images_and_smooths_edges():
+  x = np.full((1, 8, 8, 1), 3.0, np.float32)
+  op = preprocess.blur("image", sigma=1.0)
+  np.testing.assert_allclose(op({"image": x}, None)["image"], x, rtol=1e-5)
+  edge = np.zeros((1, 8, 8, 1), np.float32)
+  edge[:, :, 4:] = 1.0
+  out = op({"image": edge}, None)["image"]
+  assert 0.0 < out[0, 0, 3, 0] < 0.5 < out[0, 0, 4, 0] < 1.0
+
+
+def test_spectrogram_finds_the_tone():
+  rate, tone = 8000, 1000
+  t = np.arange(4000) / rate
+  wave = np.sin(2 * np.pi * tone * t)[None].astype(np.float32)
+  out = preprocess.spectrogram("audio", frame_length=256, frame_step=128)(
+      {"audio": wave}, None)["audio"]
+  assert out.shape == (1, 30, 129, 1)
+  assert np.argmax(out[0, 10, :, 0]) == round(tone / rate * 256)

@@ -1,0 +1,143 @@
+"""End to end through ``python -m mmjax.main``: the workdir contract and exact
+resumption after ``kill -9``."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mmjax import checkpoint as checkpoint_lib
+from mmjax import metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_SPLITS = {"train": 640, "validation": 96, "test": 96}
+# A small model, so that compiling takes seconds.
+SMALL_MODEL = ["--config.model.encoders.image.features=(8, 16)",
+               "--config.model.encoders.question.hidden=32",
+               "--config.model.fusion.channels=16",
+               "--config.model.fusion.dim=32"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """``mm_shapes/simple`` with small splits, generated once per session."""
+  from mmjax.data import mm_shapes  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp("tfds"))
+  saved = mm_shapes.MmShapes.SPLIT_SIZES
+  mm_shapes.MmShapes.SPLIT_SIZES = SMALL_SPLITS
+  try:
+    mm_shapes.ensure_built("simple", path)
+  finally:
+    mm_shapes.MmShapes.SPLIT_SIZES = saved
+  return path
+
+
+def _command(workdir, data_dir, *overrides):
+  return [sys.executable, "-m", "mmjax.main",
+          "--config=experiments/mm_shapes.py:runlocal", f"--workdir={workdir}",
+          f"--config.dataset.data_dir={data_dir}", *SMALL_MODEL, *overrides]
+
+
+def _run(command):
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.mark.slow
+def test_runlocal_writes_the_workdir_contract(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  result = _run(_command(workdir, data_dir))
+  assert "Done: 6 steps" in result.stdout
+
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["model"]["fusion"]["name"] == "film"
+  assert config["model"]["encoders"]["image"]["features"] == [8, 16]
+
+  records = metrics_lib.read_metrics(str(workdir))
+  train = [r for r in records if r["split"] == "train"]
+  assert train and all({"step", "loss", "accuracy", "learning_rate",
+                        "grad_norm", "examples_per_sec"} <= set(r) for r in train)
+  for split in ("validation", "test"):
+    final = [r for r in records if r["split"] == split and r["step"] == 6]
+    assert len(final) == 1 and {"loss", "accuracy"} <= set(final[0])
+
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["steps"] == 6 and results["num_params"] > 0
+  assert results["train_seconds"] > 0 and results["examples_per_sec"] > 0
+  for split in ("validation", "test"):
+    assert 0.0 <= results[split]["accuracy"] <= 1.0
+    assert np.isfinite(results[split]["loss"])
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+  assert os.listdir(workdir / "tb")
+  assert (workdir / "vocab" / "question.json").exists()
+
+  # The same command again finds the finished run and does not train more.
+  again = _run(_command(workdir, data_dir))
+  assert "Resuming from checkpoint at step 6" in again.stdout
+
+
+def _wait_for_checkpoint_then_kill(process, checkpoints, min_step):
+  deadline = time.time() + 300
+  while process.poll() is None and time.time() < deadline:
+    steps = [int(d) for d in os.listdir(checkpoints)
+             if d.isdigit()] if os.path.isdir(checkpoints) else []
+    if steps and max(steps) >= min_step:
+      process.send_signal(signal.SIGKILL)
+      process.wait()
+      return max(steps)
+    time.sleep(0.005)
+  raise AssertionError("the run ended before it could be killed; "
+                       f"stdout: {process.communicate()[0][-2000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["pmap", "shard_map"])
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_dir,
+                                                        backend):
+  overrides = ["--config.train.steps=150", "--config.checkpoint.every_steps=10",
+               "--config.train.log_every_steps=5",
+               "--config.train.eval_every_steps=1000",
+               f"--config.parallel.backend={backend}"]
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  _run(_command(straight, data_dir, *overrides))
+
+  process = subprocess.Popen(_command(resumed, data_dir, *overrides), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+  killed_after = _wait_for_checkpoint_then_kill(
+      process, resumed / "checkpoints", min_step=30)
+  assert process.returncode == -signal.SIGKILL
+  assert not (resumed / "results.json").exists()
+  result = _run(_command(resumed, data_dir, *overrides))
+  assert "Resuming from checkpoint at step" in result.stdout
+  resumed_from = int(result.stdout.split("Resuming from checkpoint at step ")[1]
+                     .split(".")[0])
+  assert 30 <= resumed_from <= killed_after + 10 and resumed_from < 150
+
+  params_a, stats_a, step_a = checkpoint_lib.load_params(str(straight))
+  params_b, stats_b, step_b = checkpoint_lib.load_params(str(resumed))
+  assert step_a == step_b == 150
+  for a, b in zip(*map(_leaves, (params_a, params_b))):
+    np.testing.assert_array_equal(a, b)  # Bit for bit.
+  for a, b in zip(*map(_leaves, (stats_a, stats_b))):
+    np.testing.assert_array_equal(a, b)
+
+  def history(workdir):
+    return [(r["step"], r["split"], r["loss"], r["accuracy"])
+            for r in metrics_lib.read_metrics(str(workdir))]
+
+  assert history(straight) == history(resumed)
+  assert json.loads((straight / "results.json").read_text())["test"] == \
+      json.loads((resumed / "results.json").read_text())["test"]
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
