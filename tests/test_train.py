@@ -28,12 +28,9 @@ def data_dir(tmp_path_factory):
   """``mm_shapes/simple`` with small splits, generated once per session."""
   from mmjax.data import mm_shapes  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp("tfds"))
-  saved = mm_shapes.MmShapes.SPLIT_SIZES
-  mm_shapes.MmShapes.SPLIT_SIZES = SMALL_SPLITS
-  try:
-    mm_shapes.ensure_built("simple", path)
-  finally:
-    mm_shapes.MmShapes.SPLIT_SIZES = saved
+  builder = mm_shapes.MmShapes(config="simple", data_dir=path)
+  builder.SPLIT_SIZES = SMALL_SPLITS  # Subprocesses read it as prepared.
+  builder.download_and_prepare(file_format="array_record")
   return path
 
 
