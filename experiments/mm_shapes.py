@@ -23,7 +23,7 @@ IMAGE_AND_TEXT = ("image", "question")
 
 FUSIONS = {
     "concat": dict(name="concat", hidden=(256,)),
-    "film": dict(name="film", target="image", num_blocks=2, channels=64,
+    "film": dict(name="film", target="image", num_blocks=2, channels=32,
                  dim=128, use_coords=True),
 }
 
@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       warmup_steps=100, weight_decay=1e-4, b1=0.9, b2=0.999,
                       momentum=0.9, grad_clip_norm=1.0, decay_steps=(),
                       decay_factor=0.1)
-  config.train = dict(steps=1500, log_every_steps=50, eval_every_steps=500,
+  config.train = dict(steps=1000, log_every_steps=50, eval_every_steps=500,
                       skip_nonfinite_updates=False)
   config.eval = dict(batch_size=500)
   config.checkpoint = dict(every_steps=500, max_to_keep=2, async_save=True)

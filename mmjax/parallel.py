@@ -21,6 +21,7 @@ copy.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
@@ -40,7 +41,6 @@ def initialize_distributed() -> None:
   ``JAX_PROCESS_ID`` (or run under a cluster JAX detects, e.g. SLURM or
   Cloud TPU) to start a multi-host run.
   """
-  import os  # pylint: disable=g-import-not-at-top
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
       "SLURM_NTASKS", "1") != "1":
     jax.distributed.initialize()

