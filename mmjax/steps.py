@@ -102,7 +102,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 
   metrics = {k: _mean(jnp.mean(v), axis_name) for k, v in terms.items()}
   metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["learning_rate"] = learning_rate_fn(state.step)
+  # The optimizer's schedule counts applied updates only.
+  metrics["learning_rate"] = learning_rate_fn(state.step - state.skipped_updates)
   new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=batch_stats, opt_state=opt_state,
                             rng=next_rng)

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -50,9 +51,15 @@ def _train_losses(backend, devices):
   batches = list(_batches()) * (NUM_STEPS // 2)
   state = steps.create_train_state(model, tx, batches[0], jax.random.PRNGKey(0))
   state = dp.replicate(state)
-  step = dp.train_step(functools.partial(
+  train_step = functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
-      targets=losses.head_targets(config.model.heads)))
+      targets=losses.head_targets(config.model.heads))
+
+  @chex.assert_max_traces(n=1)  # 20 steps must not recompile.
+  def traced_once(state, batch, axis_name):
+    return train_step(state, batch, axis_name=axis_name)
+
+  step = dp.train_step(traced_once)
   history = []
   for batch in batches:
     state, metrics = step(state, dp.shard_batch(batch))

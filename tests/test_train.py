@@ -138,3 +138,28 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_dir,
 def _leaves(tree):
   import jax  # pylint: disable=g-import-not-at-top
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path,
+                                                                 data_dir):
+  workdir = tmp_path / "run"
+  command = _command(workdir, data_dir, "--config.train.steps=100000",
+                     "--config.checkpoint.every_steps=100000",
+                     "--config.train.eval_every_steps=100000",
+                     "--config.train.log_every_steps=10")
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+  assert "Received SIGTERM: saved a checkpoint at step" in output
+  saved = int(output.split("saved a checkpoint at step ")[1].split()[0])
+  assert os.listdir(workdir / "checkpoints") == [str(saved)]
+
+  result = _run(_command(workdir, data_dir, f"--config.train.steps={saved + 2}"))
+  assert f"Resuming from checkpoint at step {saved}." in result.stdout
+  assert f"Done: {saved + 2} steps" in result.stdout
