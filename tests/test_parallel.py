@@ -55,6 +55,8 @@ def _train_losses(backend, devices):
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
       targets=losses.head_targets(config.model.heads))
 
+  chex.clear_trace_counter()  # Counts are kept per source line, across runs.
+
   @chex.assert_max_traces(n=1)  # 20 steps must not recompile.
   def traced_once(state, batch, axis_name):
     return train_step(state, batch, axis_name=axis_name)
