@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.rng_impl = "rbg"  # jax_default_prng_impl: "rbg" or "threefry2x32".
   config.init_from = ""
+  config.allow_config_change = False  # Resume a workdir with other settings.
 
   config.dataset = dict(name="mm_shapes", config=arg.dataset, data_dir="",
                         manual_dir="", train_split="train",

@@ -9,6 +9,7 @@ deleted) and the next older one is tried.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -20,6 +21,10 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 _ITEMS = ("state", "data", "config")
+
+
+class CheckpointSaveError(OSError):
+  """Writing a checkpoint failed; the previous ones are untouched."""
 
 
 class Checkpointer:
@@ -40,11 +45,29 @@ class Checkpointer:
 
   def save(self, step: int, state: PyTree, data_iterator: Any,
            config: dict[str, Any]) -> None:
-    """Starts saving ``state`` (one unreplicated copy) at ``step``."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config)), force=True)
+    """Starts saving ``state`` (one unreplicated copy) at ``step``.
+
+    A failed save (a full disk, say) raises ``CheckpointSaveError``; Orbax
+    writes into a temporary directory and renames it only when complete, so
+    the previous checkpoint stays intact.
+    """
+    with self._explain_failure(step):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          config=ocp.args.JsonSave(config)), force=True)
+
+  @contextlib.contextmanager
+  def _explain_failure(self, step: int | None):
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      what = f"checkpoint {step}" if step is not None else "a checkpoint"
+      raise CheckpointSaveError(
+          f"Saving {what} in {self.directory} failed ({type(e).__name__}: "
+          f"{e}). The newest complete checkpoint is intact: "
+          f"{self._manager.all_steps(read=True)[-1:] or 'none'}. Free space or "
+          "fix the directory, then run the same command to resume.") from e
 
   def restore_latest(self, abstract_state: PyTree,
                      data_iterator: Any) -> Optional[tuple[PyTree, int]]:
@@ -77,10 +100,11 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._explain_failure(None):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 from typing import Any
 
 import jax
@@ -59,6 +60,44 @@ def _parse_value(key: str, value: str, default: Any) -> Any:
       raise ValueError(f"Config argument {key!r} takes a {type(default).__name__};"
                        f" got {value!r}.") from None
   return value
+
+
+# Settings that may differ between a run and the run that resumes it: they
+# change how long it trains, logs or saves, not what it trains.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every_steps",
+                     "train.eval_every_steps", "checkpoint.", "eval.batch_size",
+                     "input.num_threads", "input.prefetch_batches",
+                     "parallel.backend", "dataset.data_dir",
+                     "dataset.manual_dir", "allow_config_change", "init_from")
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """``"key: old -> new"`` for every setting that differs between two
+  resolved configs (as ``config.json`` holds them), except
+  ``RESUMABLE_CHANGES``."""
+  old_flat, new_flat = _flatten(_as_json(saved)), _flatten(_as_json(new))
+  changes = []
+  for key in sorted(set(old_flat) | set(new_flat)):
+    if key.startswith(RESUMABLE_CHANGES):
+      continue
+    old, value = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
+    if old != value:
+      changes.append(f"{key}: {old!r} -> {value!r}")
+  return changes
+
+
+def _as_json(tree: dict[str, Any]) -> dict[str, Any]:
+  return json.loads(json.dumps(tree))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

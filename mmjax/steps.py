@@ -81,7 +81,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   """One optimizer update on one device's ``[per_device_batch, ...]`` shard.
 
   Returns the new state and scalar metrics averaged over devices: ``loss``,
-  ``accuracy``, ``grad_norm``, ``learning_rate``.
+  ``accuracy``, ``grad_norm`` (global, and ``grad_norm/<group>`` for each
+  top-level part of the model), ``learning_rate``.
   """
   rng, next_rng = jax.random.split(state.rng)
   if axis_name:  # A different dropout mask on each device.
@@ -102,6 +103,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 
   metrics = {k: _mean(jnp.mean(v), axis_name) for k, v in terms.items()}
   metrics["grad_norm"] = optax.tree.norm(grads)
+  for group, group_grads in grads.items():  # encoders_<modality>, fusion, heads_*
+    metrics[f"grad_norm/{group}"] = optax.tree.norm(group_grads)
   # The optimizer's schedule counts applied updates only.
   metrics["learning_rate"] = learning_rate_fn(state.step - state.skipped_updates)
   new_state = state.replace(step=state.step + 1, params=params,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -68,10 +69,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # "rbg" compiles several times faster than threefry on CPU (seconds per
   # random call) and is as deterministic on a given platform.
   jax.config.update("jax_default_prng_impl", config.rng_impl)
-  os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
   if is_chief:
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    _prepare_workdir(workdir, config)
 
   dp = parallel.DataParallel(config.parallel.backend)
   builder = pipeline.ensure_prepared(config)
@@ -81,13 +81,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       config.model,
       vocab_sizes={k: v.size for k, v in vocabularies.items()},
       num_classes={t: builder.info.features[t].num_classes
-                   for t, _ in targets.values()},
+                   for t, _ in targets.values() if t in builder.info.features},
       axis_name=parallel.AXIS)
   schedule = optim.make_schedule(config.optim, config.train.steps)
   tx = optim.make_optimizer(config.optim, schedule)
 
   train_iter = pipeline.make_train_iterator(config, vocabularies)
   example = _peek(train_iter)
+  _check_batch_has(example, list(config.model.modalities) +
+                   [t for t, _ in targets.values()], config)
   host_state = steps.create_train_state(
       model, tx, jax.tree.map(lambda x: x[:1], example),
       jax.random.PRNGKey(config.seed))
@@ -196,6 +198,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return results
 
 
+def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates ``workdir`` and writes ``config.json``, refusing to resume a
+  run whose saved config differs in what it trains."""
+  config_path = os.path.join(workdir, "config.json")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        changes = config_lib.config_changes(json.load(f), config.to_dict())
+      if changes and not config.get("allow_config_change", False):
+        raise ValueError(
+            f"{workdir} holds a run with a different config; resuming it would "
+            "mix two experiments:\n  " + "\n  ".join(changes) + "\nUse a new "
+            "--workdir, or pass --config.allow_config_change=True to resume "
+            "with the new settings.")
+    _write_json(config_path, config.to_dict())
+  except OSError as e:
+    raise OSError(f"Cannot write to workdir {workdir} ({e}); choose a writable "
+                  "--workdir.") from e
+
+
+def _check_batch_has(batch: dict[str, np.ndarray], keys: list[str],
+                     config: ml_collections.ConfigDict) -> None:
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise ValueError(
+        f"The model needs {', '.join(missing)} (config.model.modalities and "
+        f"head targets), but batches of {pipeline.dataset_name(config)} after "
+        f"config.input.pp_train hold only: {', '.join(sorted(batch))}.")
+
+
 def _peek(iterator) -> dict[str, np.ndarray]:
   """The next element of a grain iterator, leaving the iterator unmoved."""
   position = iterator.get_state()
@@ -216,11 +249,17 @@ def _warm_start(state: steps.TrainState, init_from: str) -> steps.TrainState:
 
 
 def _check_finite(logged: dict[str, float], step: int) -> None:
+  """Raises on a NaN/Inf loss or gradient, naming the parts whose gradients
+  are not finite."""
   bad = metrics_lib.first_nonfinite(
       {k: logged[k] for k in ("loss", "grad_norm") if k in logged})
   if bad:
+    groups = [k.split("/", 1)[1] for k, v in logged.items()
+              if k.startswith("grad_norm/") and not math.isfinite(v)]
+    where = (f" Non-finite gradients in: {', '.join(groups)}." if groups
+             else "")
     raise NonFiniteError(
-        f"Non-finite {bad}={logged[bad]} in the steps up to {step}; no "
+        f"Non-finite {bad}={logged[bad]} in the steps up to {step}.{where} No "
         "checkpoint was written from this state. Lower config.optim."
         "learning_rate, set config.optim.grad_clip_norm, or set "
         "config.train.skip_nonfinite_updates=True to skip such updates.")

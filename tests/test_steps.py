@@ -30,6 +30,8 @@ def test_skip_nonfinite_updates_keeps_the_state_and_counts():
   poisoned = dict(batch, image=np.full_like(batch["image"], np.nan))
   new_state, metrics = step(state, poisoned)
   assert not np.isfinite(metrics["loss"])
+  assert set(metrics) >= {"grad_norm/encoders_image", "grad_norm/fusion",
+                          "grad_norm/heads_answer"}
   assert int(new_state.skipped_updates) == 1 and int(new_state.step) == 1
   jax.tree.map(np.testing.assert_array_equal, new_state.params, state.params)
   jax.tree.map(np.testing.assert_array_equal, new_state.opt_state,
@@ -49,6 +51,11 @@ def test_nonfinite_loss_stops_with_step_and_metric():
   with pytest.raises(train.NonFiniteError,
                      match=r"Non-finite loss=nan in the steps up to 12.*skip_nonfinite_updates"):
     train._check_finite({"loss": float("nan"), "grad_norm": 1.0}, 12)
+  with pytest.raises(train.NonFiniteError,
+                     match=r"grad_norm=nan.*Non-finite gradients in: fusion\."):
+    train._check_finite({"loss": 1.0, "grad_norm": float("nan"),
+                         "grad_norm/encoders_image": 1.0,
+                         "grad_norm/fusion": float("nan")}, 5)
   with pytest.raises(train.NonFiniteError, match="grad_norm=inf"):
     train._check_finite({"loss": 1.0, "grad_norm": float("inf")}, 3)
   train._check_finite({"loss": 1.0, "grad_norm": 2.0}, 3)

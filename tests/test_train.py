@@ -47,11 +47,34 @@ def _run(command):
   return result
 
 
+@pytest.fixture(scope="module")
+def runlocal(tmp_path_factory, data_dir):
+  """``(workdir, stdout)`` of one runlocal run, shared by the tests below."""
+  workdir = tmp_path_factory.mktemp("runlocal") / "run"
+  return workdir, _run(_command(workdir, data_dir)).stdout
+
+
+def _history(workdir):
+  """Every logged value but the timings, in order."""
+  return [{k: v for k, v in r.items() if k != "examples_per_sec"}
+          for r in metrics_lib.read_metrics(str(workdir))]
+
+
 @pytest.mark.slow
-def test_runlocal_writes_the_workdir_contract(tmp_path, data_dir):
-  workdir = tmp_path / "run"
-  result = _run(_command(workdir, data_dir))
-  assert "Done: 6 steps" in result.stdout
+def test_two_runs_with_the_same_seed_log_identical_metrics(tmp_path, data_dir,
+                                                           runlocal):
+  first, _ = runlocal
+  _run(_command(tmp_path / "again", data_dir))
+  assert _history(first) == _history(tmp_path / "again")
+  other_seed = tmp_path / "other_seed"
+  _run(_command(other_seed, data_dir, "--config.seed=1"))
+  assert _history(first) != _history(other_seed)  # The seed matters.
+
+
+@pytest.mark.slow
+def test_runlocal_writes_the_workdir_contract(runlocal, data_dir):
+  workdir, stdout = runlocal
+  assert "Done: 6 steps" in stdout
 
   config = json.loads((workdir / "config.json").read_text())
   assert config["model"]["fusion"]["name"] == "film"
@@ -126,11 +149,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_dir,
   for a, b in zip(*map(_leaves, (stats_a, stats_b))):
     np.testing.assert_array_equal(a, b)
 
-  def history(workdir):
-    return [(r["step"], r["split"], r["loss"], r["accuracy"])
-            for r in metrics_lib.read_metrics(str(workdir))]
-
-  assert history(straight) == history(resumed)
+  assert _history(straight) == _history(resumed)
   assert json.loads((straight / "results.json").read_text())["test"] == \
       json.loads((resumed / "results.json").read_text())["test"]
 
@@ -163,3 +182,16 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path,
   result = _run(_command(workdir, data_dir, f"--config.train.steps={saved + 2}"))
   assert f"Resuming from checkpoint at step {saved}." in result.stdout
   assert f"Done: {saved + 2} steps" in result.stdout
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_run_before_any_checkpoint(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  pp = ("normalize(key='image', std=0.0)|tokenize(key='question', max_len=16)"
+        "|keep(keys=('image', 'question', 'question_mask', 'answer'))")
+  result = subprocess.run(_command(workdir, data_dir, f"--config.input.pp_train={pp}"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode != 0
+  assert "NonFiniteError: Non-finite loss=nan in the steps up to 2." in result.stderr
+  assert not [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+  assert not (workdir / "results.json").exists()

@@ -43,17 +43,41 @@ def ensure_prepared(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
   ds = config.dataset
   if ds.name in BUILDER_MODULES:
     importlib.import_module(BUILDER_MODULES[ds.name])
-  builder = tfds.builder(dataset_name(config), data_dir=ds.get("data_dir") or None)
+  try:
+    builder = tfds.builder(dataset_name(config),
+                           data_dir=ds.get("data_dir") or None)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(
+        f"Unknown dataset {ds.name!r} (config.dataset.name). mmjax builds "
+        f"these itself: {', '.join(sorted(BUILDER_MODULES))}; any other TFDS "
+        "dataset must be registered (imported) before training.") from None
   if not builder.is_prepared():
+    manual_dir = ds.get("manual_dir") or None
+    _check_manual_dir(builder, manual_dir)
     logging.info("Building %s into %s (first use only).", dataset_name(config),
                  builder.data_dir)
     print(f"Building dataset {dataset_name(config)} into {builder.data_dir} "
           "(first use only)...", flush=True)
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=ds.get("manual_dir") or None)
-    builder.download_and_prepare(file_format="array_record",
-                                 download_config=download_config)
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
+
+
+def _check_manual_dir(builder: tfds.core.DatasetBuilder,
+                      manual_dir: str | None) -> None:
+  """For datasets built from files the user downloads, checks they are there
+  and otherwise says what to download and where to put it."""
+  instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+  if not instructions:
+    return
+  path = manual_dir or os.path.join(builder.data_dir_root, "downloads", "manual")
+  if os.path.isdir(path) and os.listdir(path):
+    return
+  raise FileNotFoundError(
+      f"Dataset {builder.info.full_name} is built from files you download "
+      f"yourself, and {path} is missing or empty. {instructions.strip()}\n"
+      "Then point --config.dataset.manual_dir at that directory.")
 
 
 def data_source(config: ml_collections.ConfigDict, split: str):

@@ -1,0 +1,130 @@
+"""Bad settings and broken disks fail early, say what to fix, and never
+damage what a run already saved."""
+
+import errno
+import json
+import os
+
+import grain
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from mmjax import checkpoint as checkpoint_lib
+from mmjax import config_lib
+from mmjax import train
+from mmjax.data import pipeline
+from test_config import load_experiment
+
+
+def test_resuming_with_a_different_model_is_refused(tmp_path):
+  config = load_experiment().get_config("")
+  train._prepare_workdir(str(tmp_path), config)
+  changed = load_experiment().get_config("fusion=concat")
+  with pytest.raises(ValueError, match=r"(?s)different config.*model\.fusion\.name: 'film' -> 'concat'.*allow_config_change=True"):
+    train._prepare_workdir(str(tmp_path), changed)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["fusion"]["name"] == "film"  # Not overwritten.
+  changed.allow_config_change = True
+  train._prepare_workdir(str(tmp_path), changed)
+  assert json.loads((tmp_path / "config.json").read_text())[
+      "model"]["fusion"]["name"] == "concat"
+
+
+def test_longer_training_and_other_logging_may_resume(tmp_path):
+  config = load_experiment().get_config("")
+  train._prepare_workdir(str(tmp_path), config)
+  config.train.steps *= 2
+  config.checkpoint.every_steps = 7
+  config.parallel.backend = "shard_map"
+  train._prepare_workdir(str(tmp_path), config)
+
+
+def test_config_changes_lists_every_difference():
+  old = {"model": {"a": (1, 2), "b": "x"}, "train": {"steps": 5}}
+  new = {"model": {"a": [1, 3], "c": 1}, "train": {"steps": 9}}
+  assert config_lib.config_changes(old, new) == [
+      "model.a: [1, 2] -> [1, 3]", "model.b: 'x' -> '<unset>'",
+      "model.c: '<unset>' -> 1"]
+
+
+def test_unwritable_workdir_is_named(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(OSError, match=r"Cannot write to workdir .*a_file/run.*writable --workdir"):
+    train._prepare_workdir(str(blocker / "run"), load_experiment().get_config(""))
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path,
+                                                               monkeypatch):
+  directory = str(tmp_path / "ckpt")
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
+  state = {"w": jnp.ones(3)}
+  checkpointer.save(1, state, iterator, {})
+  checkpointer.wait()
+
+  def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  from grain._src.python.checkpoint import handler  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(handler.CheckpointHandler, "save", disk_full)
+  with pytest.raises(checkpoint_lib.CheckpointSaveError,
+                     match=r"Saving checkpoint 2 .*No space left on device.*intact: \[1\]"):
+    checkpointer.save(2, {"w": jnp.zeros(3)}, iterator, {})
+    checkpointer.wait()
+  monkeypatch.undo()
+
+  fresh = checkpoint_lib.Checkpointer(directory)
+  restored, step = fresh.restore_latest({"w": jnp.zeros(3)}, iterator)
+  assert step == 1
+  np.testing.assert_array_equal(restored["w"], np.ones(3))
+
+
+def _dataset_config(name, **extra):
+  return ml_collections.ConfigDict(dict(dataset=dict(
+      name=name, config="", data_dir=extra.get("data_dir", ""),
+      manual_dir=extra.get("manual_dir", ""))))
+
+
+def test_unknown_dataset_lists_the_built_in_ones():
+  with pytest.raises(ValueError, match=r"Unknown dataset 'mm_shapez'.*mm_shapes"):
+    pipeline.ensure_prepared(_dataset_config("mm_shapez"))
+
+
+class ManualToyDataset(tfds.core.GeneratorBasedBuilder):
+  """A builder that needs files from the user, like AV-MNIST."""
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Download toy.npz from the toy site."
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"x": tfds.features.Scalar(dtype=np.int32)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(dl_manager.manual_dir / "toy.npz")}
+
+  def _generate_examples(self, path):
+    for i, value in enumerate(np.load(path)["x"]):
+      yield i, {"x": int(value)}
+
+
+def test_missing_manual_dir_says_what_to_download_and_where(tmp_path):
+  config = _dataset_config("manual_toy_dataset", data_dir=str(tmp_path / "tfds"),
+                           manual_dir=str(tmp_path / "raw"))
+  with pytest.raises(FileNotFoundError, match=r"(?s)raw is missing or empty\. Download toy\.npz.*--config\.dataset\.manual_dir"):
+    pipeline.ensure_prepared(config)
+  os.makedirs(tmp_path / "raw")
+  np.savez(tmp_path / "raw" / "toy.npz", x=np.arange(3))
+  builder = pipeline.ensure_prepared(config)
+  assert builder.info.splits["train"].num_examples == 3
+
+
+def test_model_modality_the_data_lacks_is_named():
+  config = load_experiment().get_config("")
+  batch = {"image": np.zeros(1), "question": np.zeros(1), "answer": np.zeros(1)}
+  train._check_batch_has(batch, ["image", "answer"], config)
+  with pytest.raises(ValueError, match=r"needs audio .*mm_shapes/simple.*hold only: answer, image, question"):
+    train._check_batch_has(batch, ["image", "audio"], config)
