@@ -6,7 +6,8 @@ Main job (FiLM on ``mm_shapes/simple``; builds the dataset on first use):
 
 Variants, as ``--config=experiments/mm_shapes.py:<arg>,<arg>``:
 
-  fusion=concat|film        late fusion by concatenation, or FiLM (default)
+  fusion=film               FiLM (default); also concat (late fusion), tensor,
+                            low_rank, gated, multiplicative (see mmjax/fusion)
   modalities=image          unimodal baselines (also =question); a single
                             modality is fused with ``concat``
   dataset=relational        3-6 objects and relational questions
@@ -25,6 +26,10 @@ FUSIONS = {
     "concat": dict(name="concat", hidden=(256,)),
     "film": dict(name="film", target="image", num_blocks=2, channels=32,
                  dim=128, use_coords=True),
+    "tensor": dict(name="tensor", dim=128, project=32),
+    "low_rank": dict(name="low_rank", rank=4, dim=128),
+    "gated": dict(name="gated", dim=128),
+    "multiplicative": dict(name="multiplicative", form="matrix", dim=128),
 }
 
 

@@ -112,7 +112,8 @@ def _seq_enc(d=8) -> Encoding:
 
 def test_registries_list_parts():
   assert {"cnn", "lstm"} <= set(ENCODERS.names())
-  assert FUSIONS.names() == ["concat", "film"]
+  assert {"concat", "film", "tensor", "low_rank", "gated",
+          "multiplicative"} <= set(FUSIONS.names())
   assert HEADS.names() == ["classifier"]
   assert ENCODERS.get("cnn") is ConvEncoder
   assert ENCODERS.get("lstm") is LSTMEncoder

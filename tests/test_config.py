@@ -40,7 +40,9 @@ def test_parse_arg_rejects_unknown_and_mistyped_arguments():
     config_lib.parse_arg("steps=many", steps=1)
 
 
-@pytest.mark.parametrize("arg", ["", "fusion=concat", "modalities=image",
+@pytest.mark.parametrize("arg", ["", "fusion=concat", "fusion=tensor",
+                                 "fusion=low_rank", "fusion=gated",
+                                 "fusion=multiplicative", "modalities=image",
                                  "modalities=question", "dataset=relational",
                                  "runlocal"])
 def test_every_variant_validates(get_config, arg):

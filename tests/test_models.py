@@ -32,6 +32,8 @@ def _small(config):
 
 
 @pytest.mark.parametrize("arg", ["fusion=film", "fusion=concat",
+                                 "fusion=tensor", "fusion=low_rank",
+                                 "fusion=gated", "fusion=multiplicative",
                                  "modalities=image", "modalities=question"])
 def test_every_parameter_gets_a_gradient_from_the_training_loss(arg):
   config = _small(load_experiment().get_config(arg))
