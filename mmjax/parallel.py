@@ -58,7 +58,9 @@ class DataParallel:
     self.local_devices = [d for d in self.devices
                           if d.process_index == jax.process_index()]
     self.mesh = Mesh(np.array(self.devices), (AXIS,))
-    self._local_mesh = Mesh(np.array(self.local_devices), (AXIS,))
+    # pmap's input layout: a leading axis over this process's devices.
+    self._pmap_sharding = NamedSharding(
+        Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
 
   @property
   def num_devices(self) -> int:
@@ -102,11 +104,6 @@ class DataParallel:
       return jax.device_put(x, self._pmap_sharding)
 
     return jax.tree.map(split, batch)
-
-  @property
-  def _pmap_sharding(self) -> NamedSharding:
-    """Leading axis over this process's devices, as pmap lays out its inputs."""
-    return NamedSharding(self._local_mesh, P(AXIS))
 
   # Steps ---------------------------------------------------------------------
 

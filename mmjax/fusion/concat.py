@@ -7,21 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
+from mmjax.fusion.inputs import check_pooled
 from mmjax.registry import FUSIONS
-
-
-def check_pooled(encodings: dict[str, Encoding], block: str) -> None:
-  """Raises ``ValueError`` unless every ``pooled`` is ``[batch, dim]`` with one
-  shared batch size. ``block`` names the caller in the message."""
-  shapes = {name: enc.pooled.shape for name, enc in encodings.items()}
-  for name, shape in shapes.items():
-    if len(shape) != 2:
-      raise ValueError(
-          f"{block} modality {name!r} needs pooled of shape [batch, dim]; "
-          f"got {shape}.")
-  if len({shape[0] for shape in shapes.values()}) > 1:
-    raise ValueError(
-        f"{block} modalities disagree on batch size; pooled shapes: {shapes}.")
 
 
 @FUSIONS.register("concat")

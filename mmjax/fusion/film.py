@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.concat import check_pooled
+from mmjax.fusion.inputs import check_pooled
 from mmjax.registry import FUSIONS
 
 

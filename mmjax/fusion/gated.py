@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.tensor import check_multimodal
+from mmjax.fusion.inputs import check_multimodal
 from mmjax.registry import FUSIONS
 
 

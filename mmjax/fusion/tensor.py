@@ -14,18 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.concat import check_pooled
+from mmjax.fusion.inputs import check_multimodal
 from mmjax.registry import FUSIONS
-
-
-def check_multimodal(encodings: dict[str, Encoding], block: str) -> None:
-  """Raises ``ValueError`` unless there are at least two modalities, each with
-  ``pooled [batch, dim]`` and one shared batch size."""
-  if len(encodings) < 2:
-    raise ValueError(
-        f"{block} fusion needs at least two modalities; got "
-        f"{list(encodings)}. Use fusion 'concat' for unimodal baselines.")
-  check_pooled(encodings, block)
 
 
 def append_one(z_BxD: jax.Array) -> jax.Array:
