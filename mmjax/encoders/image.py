@@ -1,4 +1,7 @@
-"""A small convolutional image encoder."""
+"""Small convolutional image encoders: a strided CNN and LeNet.
+
+ResNet and ViT live in ``mmjax.encoders.resnet`` and ``mmjax.encoders.vit``.
+"""
 
 from __future__ import annotations
 
@@ -84,3 +87,76 @@ class ConvEncoder(nn.Module):
       return Encoding(pooled=x.mean(axis=(1, 2)), tokens=x)
     pooled = nn.relu(nn.Dense(self.dim)(x_BxF))
     return Encoding(pooled=pooled, tokens=x)
+
+
+@ENCODERS.register("lenet")
+class LeNetEncoder(nn.Module):
+  """LeNet, as MultiBench uses it for AV-MNIST images and spectrograms.
+
+  LeCun et al. 1998, "Gradient-Based Learning Applied to Document
+  Recognition"; in the variant of MFAS (Pérez-Rúa et al. 2019,
+  arXiv:1903.06496) and MultiBench (Liang et al. 2021, arXiv:2107.07502):
+  a 5x5 convolution to ``channels``, then ``num_blocks`` 3x3 convolutions that
+  each double the channels. Every convolution (SAME padding, no bias) is
+  followed by BatchNorm, ReLU and a 2x2 max-pool that, like torch's
+  ``F.max_pool2d``, drops an odd last row or column. A 28x28 digit with
+  ``num_blocks=3`` (MultiBench's image encoder, 28 -> 14 -> 7 -> 3 -> 1)
+  pools to ``6 * 2**3 = 48`` features; a 112x112 spectrogram with
+  ``num_blocks=5`` (its audio encoder) to ``6 * 2**5 = 192``.
+
+  ``pooled`` is the spatial mean of the final map. At the sizes above the map
+  is 1x1, so this is the flattened map that MultiBench uses; on larger inputs
+  it is a global average, so that the width of ``pooled`` does not depend on
+  the input size. There is no ``Dense`` layer: MultiBench fuses these raw
+  features.
+
+  Attributes:
+    channels: output channels of the first convolution.
+    num_blocks: number of 3x3 blocks after it (MultiBench's "additional
+      layers"); the output has ``channels * 2**num_blocks`` channels.
+    axis_name: mapped axis over which BatchNorm averages batch statistics
+      under ``pmap``/``shard_map``; ``None`` on a single device.
+  """
+  channels: int = 6
+  num_blocks: int = 3
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, mask=None, *, train: bool) -> Encoding:
+    """Encodes a batch of images.
+
+    Args:
+      x: ``[batch, height, width, channels]`` or ``[batch, height, width]``
+        (one channel) float images, with height and width at least
+        ``2**(num_blocks + 1)``.
+      mask: unused; images have no padding. Accepted for a uniform encoder
+        signature.
+      train: use batch statistics (and update the running ones) when True.
+
+    Returns:
+      ``Encoding`` with ``pooled [batch, channels * 2**num_blocks]``,
+      ``tokens`` the final feature map ``[batch, height // 2**P,
+      width // 2**P, channels * 2**num_blocks]`` for ``P = num_blocks + 1``
+      pools, and ``mask`` None.
+    """
+    del mask
+    if x.ndim == 3:
+      x = x[..., None]
+    if x.ndim != 4:
+      raise ValueError(
+          "LeNetEncoder needs images of shape [batch, height, width, "
+          f"channels] or [batch, height, width]; got {x.shape}.")
+    num_pools = self.num_blocks + 1
+    if min(x.shape[1:3]) < 2**num_pools:
+      raise ValueError(
+          f"LeNetEncoder with num_blocks={self.num_blocks} max-pools "
+          f"{num_pools} times and needs height and width of at least "
+          f"{2**num_pools}; got images of shape {x.shape}.")
+    for i in range(num_pools):
+      size = 5 if i == 0 else 3
+      x = nn.Conv(self.channels * 2**i, (size, size), use_bias=False)(x)
+      x = nn.BatchNorm(
+          use_running_average=not train, momentum=0.9,
+          axis_name=self.axis_name)(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2), padding="VALID")
+    return Encoding(pooled=x.mean(axis=(1, 2)), tokens=x)

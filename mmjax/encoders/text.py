@@ -1,35 +1,62 @@
-"""An LSTM encoder for token sequences."""
+"""Encoders for token sequences: LSTM, GRU, deep averaging network and
+transformer.
+
+Every text encoder takes ``[batch, time]`` int token ids and an optional
+``[batch, time]`` bool mask (True on real tokens), and its ``pooled`` output
+does not depend on the ids at padded positions.
+"""
 
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
 from mmjax.registry import ENCODERS
+from mmjax.transformer import PositionEmbedding, Transformer, masked_mean
 
 
-@ENCODERS.register("lstm")
-class LSTMEncoder(nn.Module):
-  """Token embedding followed by a unidirectional LSTM.
+def _check_tokens(name: str, x: jax.Array, mask: jax.Array | None
+                  ) -> jax.Array | None:
+  """Validates ``[batch, time]`` ids and mask; returns the mask as bool."""
+  if x.ndim != 2:
+    raise ValueError(
+        f"{name} needs token ids of shape [batch, time]; got {x.shape}.")
+  if mask is None:
+    return None
+  if mask.shape != x.shape:
+    raise ValueError(f"{name} mask shape {mask.shape} does not match token "
+                     f"ids shape {x.shape}.")
+  return mask.astype(bool)
 
-  Hochreiter & Schmidhuber, 1997, "Long Short-Term Memory".
 
-  Padding is ignored: the LSTM is told each sequence's length, ``pooled`` is
-  the hidden state after the last real token, and padded positions of
-  ``tokens`` are zero. Because the LSTM runs left to right, real positions
-  never see the padding that follows them. This relies on *right* padding
-  (all real tokens before all padding), which is what ``mask.sum(-1)`` as the
-  sequence length assumes.
+class RNNEncoder(nn.Module):
+  """Token embedding followed by a unidirectional recurrent network.
+
+  The shared body of ``LSTMEncoder`` and ``GRUEncoder``, which differ only in
+  the cell that ``make_cell`` returns.
+
+  Padding is ignored: the recurrence is told each sequence's length,
+  ``pooled`` is the hidden state after the last real token, and padded
+  positions of ``tokens`` are zero. Because the recurrence runs left to right,
+  real positions never see the padding that follows them. This relies on
+  *right* padding (all real tokens before all padding), which is what
+  ``mask.sum(-1)`` as the sequence length assumes.
 
   Attributes:
     vocab_size: number of token ids.
     embed_dim: width of the token embedding.
-    hidden: LSTM state width, and the width of ``pooled`` and ``tokens``.
+    hidden: recurrent state width, and the width of ``pooled`` and ``tokens``.
   """
   vocab_size: int
   embed_dim: int = 64
   hidden: int = 128
+
+  def make_cell(self) -> nn.RNNCellBase:
+    """The recurrent cell, of width ``hidden``."""
+    raise NotImplementedError(
+        f"{type(self).__name__} must define make_cell().")
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
@@ -46,24 +73,134 @@ class LSTMEncoder(nn.Module):
       ``mask [batch, time]`` (the input mask, all True if it was None).
     """
     del train
-    if x.ndim != 2:
-      raise ValueError(
-          "LSTMEncoder needs token ids of shape [batch, time]; "
-          f"got {x.shape}.")
+    mask = _check_tokens(type(self).__name__, x, mask)
     if mask is None:
       mask = jnp.ones(x.shape, bool)
-    elif mask.shape != x.shape:
-      raise ValueError(
-          f"LSTMEncoder mask shape {mask.shape} does not match token ids "
-          f"shape {x.shape}.")
-    mask = mask.astype(bool)
     lengths_B = mask.sum(-1)
     x_BxTxE = nn.Embed(self.vocab_size, self.embed_dim)(x)
-    (_, h_BxH), y_BxTxH = nn.RNN(
-        nn.OptimizedLSTMCell(self.hidden), return_carry=True)(
-            x_BxTxE, seq_lengths=lengths_B)
-    # For an empty sequence, flax picks the carry at index -1 (the last padded
-    # step); zero it so that empty inputs carry no information.
+    y_BxTxH = nn.RNN(self.make_cell())(x_BxTxE, seq_lengths=lengths_B)
+    # The output at the last real token is the hidden state there, for either
+    # cell. An empty sequence has none: its pooled vector is zeroed, so that
+    # empty inputs carry no information.
+    last_Bx1x1 = jnp.maximum(lengths_B - 1, 0)[:, None, None]
+    h_BxH = jnp.take_along_axis(y_BxTxH, last_Bx1x1, axis=1)[:, 0]
     pooled = jnp.where(lengths_B[:, None] > 0, h_BxH, 0.)
     tokens = jnp.where(mask[..., None], y_BxTxH, 0.)
     return Encoding(pooled=pooled, tokens=tokens, mask=mask)
+
+
+@ENCODERS.register("lstm")
+class LSTMEncoder(RNNEncoder):
+  """``RNNEncoder`` with an LSTM cell.
+
+  Hochreiter & Schmidhuber, 1997, "Long Short-Term Memory".
+  """
+
+  def make_cell(self) -> nn.RNNCellBase:
+    return nn.OptimizedLSTMCell(self.hidden)
+
+
+@ENCODERS.register("gru")
+class GRUEncoder(RNNEncoder):
+  """``RNNEncoder`` with a GRU cell.
+
+  Cho et al. 2014, "Learning Phrase Representations using RNN Encoder-Decoder
+  for Statistical Machine Translation", arXiv:1406.1078.
+  """
+
+  def make_cell(self) -> nn.RNNCellBase:
+    return nn.GRUCell(self.hidden)
+
+
+@ENCODERS.register("dan")
+class DANEncoder(nn.Module):
+  """Deep averaging network: the mean word embedding through a ReLU MLP.
+
+  Iyyer et al. 2015, "Deep Unordered Composition Rivals Syntactic Methods for
+  Text Classification", ACL. Word order is ignored; the average runs over
+  real tokens only. Every layer, the last included, is ``Dense`` then ReLU,
+  as in the paper. (The paper's word dropout is not implemented.)
+
+  Attributes:
+    vocab_size: number of token ids.
+    embed_dim: width of the token embedding.
+    hidden: widths of the hidden layers between the average and ``pooled``.
+    dim: width of ``pooled``.
+  """
+  vocab_size: int
+  embed_dim: int = 64
+  hidden: tuple[int, ...] = (128,)
+  dim: int = 128
+
+  @nn.compact
+  def __call__(self, x, mask=None, *, train: bool) -> Encoding:
+    """Encodes a batch of token sequences.
+
+    Args:
+      x: ``[batch, time]`` int token ids.
+      mask: ``[batch, time]`` bool, True on real tokens; None if all are real.
+      train: unused (no dropout or BatchNorm); kept for a uniform signature.
+
+    Returns:
+      ``Encoding`` with ``pooled [batch, dim]``, ``tokens`` the embeddings
+      ``[batch, time, embed_dim]`` zeroed at padding, and the input ``mask``.
+    """
+    del train
+    mask = _check_tokens("DANEncoder", x, mask)
+    x_BxTxE = nn.Embed(self.vocab_size, self.embed_dim)(x)
+    if mask is not None:
+      x_BxTxE = jnp.where(mask[..., None], x_BxTxE, 0.)
+    y = masked_mean(x_BxTxE, mask)
+    for width in (*self.hidden, self.dim):
+      y = nn.relu(nn.Dense(width)(y))
+    return Encoding(pooled=y, tokens=x_BxTxE, mask=mask)
+
+
+@ENCODERS.register("text_transformer")
+class TextTransformerEncoder(nn.Module):
+  """Token embedding, learned positions and a pre-LN transformer encoder.
+
+  Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762, with
+  the pre-LN layers of ``mmjax.transformer``. Padded tokens are masked out as
+  attention keys, so real tokens never see them, and ``pooled`` is the mean
+  over real tokens.
+
+  Attributes:
+    vocab_size: number of token ids.
+    dim: width of the embedding, every layer, ``pooled`` and ``tokens``.
+    num_layers: transformer depth.
+    num_heads: attention heads; must divide ``dim``.
+    mlp_dim: hidden width of each layer's MLP.
+    dropout: dropout rate on the embeddings, attention and residual branches.
+    max_len: the longest sequence accepted (rows of the position table).
+  """
+  vocab_size: int
+  dim: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 128
+  dropout: float = 0.0
+  max_len: int = 64
+
+  @nn.compact
+  def __call__(self, x, mask=None, *, train: bool) -> Encoding:
+    """Encodes a batch of token sequences.
+
+    Args:
+      x: ``[batch, time]`` int token ids, ``time <= max_len``.
+      mask: ``[batch, time]`` bool, True on real tokens; None if all are real.
+      train: enables dropout.
+
+    Returns:
+      ``Encoding`` with ``pooled [batch, dim]`` (the masked mean of
+      ``tokens``; zeros for an empty sequence), ``tokens [batch, time, dim]``
+      and the input ``mask``.
+    """
+    mask = _check_tokens("TextTransformerEncoder", x, mask)
+    y_BxTxD = nn.Embed(self.vocab_size, self.dim)(x)
+    y_BxTxD = PositionEmbedding(self.max_len)(y_BxTxD)
+    y_BxTxD = nn.Dropout(self.dropout, deterministic=not train)(y_BxTxD)
+    y_BxTxD = Transformer(self.num_layers, self.num_heads, self.mlp_dim,
+                          self.dropout)(y_BxTxD, mask, train=train)
+    return Encoding(pooled=masked_mean(y_BxTxD, mask), tokens=y_BxTxD,
+                    mask=mask)

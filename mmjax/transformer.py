@@ -1,0 +1,148 @@
+"""Transformer layers shared by the attention encoders and fusion blocks.
+
+Pre-LayerNorm layers (Xiong et al. 2020, arXiv:2002.04745), as in ViT
+(Dosovitskiy et al. 2021, arXiv:2010.11929) and MBT (Nagrani et al. 2021,
+arXiv:2107.00135). Every attention takes a key mask ``[batch, keys]`` (True on
+real tokens), so padded tokens are never attended to; outputs at padded
+positions are computed but carry no information into real ones.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def key_mask(mask_BxK: Optional[jax.Array]) -> Optional[jax.Array]:
+  """``[batch, keys]`` bool -> the ``[batch, 1, 1, keys]`` attention mask."""
+  return None if mask_BxK is None else mask_BxK[:, None, None, :]
+
+
+def masked_mean(x_BxNxD: jax.Array, mask_BxN: Optional[jax.Array]) -> jax.Array:
+  """Mean over the real tokens, ``[batch, tokens, dim] -> [batch, dim]``; all
+  zeros for a sequence with no real token."""
+  if mask_BxN is None:
+    return x_BxNxD.mean(axis=1)
+  weights = mask_BxN.astype(x_BxNxD.dtype)[..., None]
+  return (x_BxNxD * weights).sum(1) / jnp.maximum(weights.sum(1), 1.)
+
+
+class MlpBlock(nn.Module):
+  """``Dense(mlp_dim) -> GELU -> dropout -> Dense(dim)`` on ``[..., dim]``."""
+  mlp_dim: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    dim = x.shape[-1]
+    y = nn.gelu(nn.Dense(self.mlp_dim)(x))
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    return nn.Dense(dim)(y)
+
+
+class TransformerLayer(nn.Module):
+  """One pre-LN layer: ``x + Attn(LN(x), context) ; x + MLP(LN(x))``.
+
+  Self-attention when ``context`` is None; otherwise cross-attention from the
+  queries ``x`` to ``context`` (MulT's cross-modal layer, Tsai et al. 2019,
+  arXiv:1906.00295, which normalises the context with its own LayerNorm).
+
+  Attributes:
+    num_heads: attention heads; must divide the width of ``x``.
+    mlp_dim: hidden width of the MLP.
+    dropout: dropout rate on the attention weights and residual branches.
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x_BxNxD: jax.Array, mask_BxN: Optional[jax.Array] = None,
+               *, context_BxMxE: Optional[jax.Array] = None,
+               context_mask_BxM: Optional[jax.Array] = None,
+               train: bool) -> jax.Array:
+    """``x [batch, queries, dim]`` -> ``[batch, queries, dim]``.
+
+    Args:
+      x_BxNxD: the query tokens.
+      mask_BxN: True on real query tokens; the key mask for self-attention.
+      context_BxMxE: tokens to attend to instead of ``x`` (cross-attention).
+      context_mask_BxM: True on real context tokens.
+      train: enables dropout.
+    """
+    dim = x_BxNxD.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(f"TransformerLayer width {dim} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    y = nn.LayerNorm(name="ln_attention")(x_BxNxD)
+    if context_BxMxE is None:
+      kv, mask = y, key_mask(mask_BxN)
+    else:
+      kv, mask = nn.LayerNorm(name="ln_context")(context_BxMxE), key_mask(
+          context_mask_BxM)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.dropout,
+        deterministic=not train, name="attention")(y, kv, mask=mask)
+    x_BxNxD = x_BxNxD + drop(y)
+    y = MlpBlock(self.mlp_dim, self.dropout, name="mlp")(
+        nn.LayerNorm(name="ln_mlp")(x_BxNxD), train=train)
+    return x_BxNxD + drop(y)
+
+
+class Transformer(nn.Module):
+  """``num_layers`` self-attention layers and a final LayerNorm.
+
+  Attributes:
+    num_layers: depth.
+    num_heads: attention heads per layer.
+    mlp_dim: MLP hidden width.
+    dropout: dropout rate.
+  """
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x_BxNxD: jax.Array, mask_BxN: Optional[jax.Array] = None,
+               *, train: bool) -> jax.Array:
+    """``[batch, tokens, dim] -> [batch, tokens, dim]``."""
+    for i in range(self.num_layers):
+      x_BxNxD = TransformerLayer(self.num_heads, self.mlp_dim, self.dropout,
+                                 name=f"layer_{i}")(x_BxNxD, mask_BxN,
+                                                    train=train)
+    return nn.LayerNorm(name="ln_out")(x_BxNxD)
+
+
+class PositionEmbedding(nn.Module):
+  """Adds a learned position embedding to ``[batch, tokens, dim]``.
+
+  Attributes:
+    max_len: the most tokens it accepts.
+  """
+  max_len: int
+
+  @nn.compact
+  def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
+    n, dim = x_BxNxD.shape[1:]
+    if n > self.max_len:
+      raise ValueError(f"PositionEmbedding got {n} tokens; max_len is "
+                       f"{self.max_len}. Raise max_len in the config.")
+    table = self.param("embedding", nn.initializers.normal(0.02),
+                       (self.max_len, dim))
+    return x_BxNxD + table[None, :n]
+
+
+def as_sequence(tokens: jax.Array) -> jax.Array:
+  """Flattens a feature map ``[batch, h, w, c]`` to ``[batch, h*w, c]``;
+  passes ``[batch, time, dim]`` through."""
+  if tokens.ndim == 4:
+    return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+  if tokens.ndim != 3:
+    raise ValueError("Expected tokens [batch, h, w, c] or [batch, time, dim]; "
+                     f"got {tokens.shape}.")
+  return tokens
