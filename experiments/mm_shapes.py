@@ -7,7 +7,11 @@ Main job (FiLM on ``mm_shapes/simple``; builds the dataset on first use):
 Variants, as ``--config=experiments/mm_shapes.py:<arg>,<arg>``:
 
   fusion=film               FiLM (default); also concat (late fusion), tensor,
-                            low_rank, gated, multiplicative (see mmjax/fusion)
+                            low_rank, gated, multiplicative, mfb, mutan,
+                            nonlocal_gated, decision (per-modality logits
+                            averaged); attention over tokens: mult (MulT),
+                            mm_transformer (early fusion),
+                            mm_transformer_late, mbt (see mmjax/fusion)
   modalities=image          unimodal baselines (also =question); a single
                             modality is fused with ``concat``
   dataset=relational        3-6 objects and relational questions
@@ -21,6 +25,8 @@ import ml_collections
 from mmjax import config_lib
 
 IMAGE_AND_TEXT = ("image", "question")
+# Fusions that read the image's tokens, not its pooled vector.
+TOKEN_FUSIONS = ("film", "mult", "mm_transformer", "mm_transformer_late", "mbt")
 
 FUSIONS = {
     "concat": dict(name="concat", hidden=(256,)),
@@ -30,6 +36,20 @@ FUSIONS = {
     "low_rank": dict(name="low_rank", rank=4, dim=128),
     "gated": dict(name="gated", dim=128),
     "multiplicative": dict(name="multiplicative", form="matrix", dim=128),
+    "mfb": dict(name="mfb", dim=128, factor=5, dropout=0.1),
+    "mutan": dict(name="mutan", dim=128, hidden=64, rank=5),
+    "nonlocal_gated": dict(name="nonlocal_gated", dim=128),
+    "decision": dict(name="decision", dim=128),
+    "mult": dict(name="mult", dim=64, num_layers=2, self_layers=1,
+                 num_heads=4, mlp_dim=128),
+    "mm_transformer": dict(name="mm_transformer", dim=64, num_layers=2,
+                           fusion_layer=0, num_heads=4, mlp_dim=128),
+    "mm_transformer_late": dict(name="mm_transformer", dim=64, num_layers=2,
+                                fusion_layer=2, num_heads=4, mlp_dim=128),
+    # One bottleneck layer would fuse nothing: layer 0 writes the bottleneck,
+    # layer 1 reads it (see mmjax/fusion/attention.py).
+    "mbt": dict(name="mbt", dim=64, num_layers=2, fusion_layer=0,
+                n_bottlenecks=4, num_heads=4, mlp_dim=128),
 }
 
 
@@ -61,9 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = dict(
       modalities=arg.modalities,
       encoders=dict(
-          # FiLM reads the image's feature map only: no pooled projection.
+          # FiLM and the attention fusions read the image's feature map only:
+          # no pooled projection.
           image=dict(name="cnn", features=(32, 64),
-                     dim=0 if fusion == "film" else 128),
+                     dim=0 if fusion in TOKEN_FUSIONS else 128),
           question=dict(name="lstm", embed_dim=64, hidden=128)),
       fusion=FUSIONS[fusion],
       heads=dict(answer=dict(name="classifier", target="answer",

@@ -7,6 +7,14 @@ baseline is ``modalities=("image",)`` with a fusion that accepts one input
 (``concat``). Every hyper-parameter in ``config.model.encoders.<modality>``,
 ``config.model.fusion`` and ``config.model.heads.<head>`` is passed one to one
 to the module of that name.
+
+Decision-level (late) fusion (fusion ``decision``; Snoek et al. 2005,
+Ramachandram & Taylor 2017) is the one exception to "fusion -> heads": a
+fusion that returns a dict ``{modality: [batch, dim]}`` instead of one array
+gets every head applied to each modality's features, with separate parameters
+per modality (``heads_<head>_<modality>``), and the head's logits are the mean
+of the per-modality logits. Other fusions keep the parameter tree
+``encoders_<modality>``, ``fusion``, ``heads_<head>``.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from mmjax import registry
@@ -42,7 +51,8 @@ class MultimodalModel(nn.Module):
   def __call__(self, batch: Mapping[str, jax.Array], *,
                train: bool) -> dict[str, jax.Array]:
     """``batch[modality]`` (and optional ``batch[f"{modality}_mask"]``) ->
-    ``{head: logits [batch, num_classes]}``."""
+    ``{head: logits [batch, num_classes]}``; the mean over modalities of each
+    modality's logits when the fusion returns ``{modality: features}``."""
     encodings: dict[str, Encoding] = {}
     for modality, encoder in self.encoders.items():
       if modality not in batch:
@@ -51,7 +61,14 @@ class MultimodalModel(nn.Module):
       encodings[modality] = encoder(batch[modality],
                                     batch.get(f"{modality}_mask"), train=train)
     fused = self.fusion(encodings, train=train)
-    return {name: head(fused, train=train) for name, head in self.heads.items()}
+    if not isinstance(fused, Mapping):
+      return {name: head(fused, train=train)
+              for name, head in self.heads.items()}
+    # Decision-level fusion: one copy of each head per modality, logits averaged.
+    return {name: jnp.mean(jnp.stack([
+        head.copy(name=f"heads_{name}_{modality}")(x, train=train)
+        for modality, x in fused.items()]), axis=0)
+            for name, head in self.heads.items()}
 
 
 def build_model(model_config: ml_collections.ConfigDict, *,

@@ -1,7 +1,10 @@
-"""Gated Multimodal Unit.
+"""Gated fusion: the Gated Multimodal Unit and a non-local token gate.
 
 Arevalo, Solorio, Montes-y-Gómez & González, 2017, "Gated Multimodal Units
 for Information Fusion", arXiv:1702.01992.
+
+Wang, Girshick, Gupta & He, 2018, "Non-local Neural Networks",
+arXiv:1711.07971.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_multimodal
+from mmjax.fusion.inputs import check_multimodal, token_sequences
 from mmjax.registry import FUSIONS
+from mmjax.transformer import masked_mean
 
 
 @FUSIONS.register("gated")
@@ -60,3 +64,77 @@ class GatedFusion(nn.Module):
         -1, num, self.dim)
     g_BxMxD = jax.nn.softmax(logits_BxMxD, axis=1)
     return (g_BxMxD * h_BxMxD).sum(axis=1)
+
+
+@FUSIONS.register("nonlocal_gated")
+class NonLocalGatedFusion(nn.Module):
+  """Gates every token of a modality by the global context of the others.
+
+  For each modality ``m``, its tokens (``[batch, h, w, c]`` feature maps
+  flattened to ``[batch, h*w, c]``; ``[batch, time, dim]`` sequences as they
+  are; a modality with ``tokens=None`` contributes its ``pooled`` as a single
+  token) are projected to ``h_m = Dense_m(dim)(tokens_m)``, ``[batch, N_m,
+  dim]``. The context of ``m`` is the mean of the other modalities' pooled
+  projections, ``c_m = mean_{n != m} Dense_n(dim)(pooled_n)``, ``[batch,
+  dim]``. Each token gets a per-feature gate from itself and that context::
+
+    g_m = sigmoid(Dense_m(dim)(h_m) + Dense_m(dim, no bias)(c_m))
+    s_m = masked_mean(g_m * h_m)                     [batch, dim]
+    out = Dense(dim)(concat_m s_m)                   [batch, dim]
+
+  The output ``Dense`` is stored as one kernel per modality (``out_<modality>``,
+  ``[dim, dim]``, initialised as the rows of one ``Dense`` of the concatenation
+  would be) plus one bias, ``sum_m s_m W_m + b``: the same map, but independent
+  of the dict order (which ``jax.jit`` sorts).
+
+  The gate of every token sees a summary of the whole other modality, the
+  "non-local" response of Wang et al. (2018) with a sigmoid gate in place of
+  the softmax over positions, and the gating of GMU (Arevalo et al. 2017)
+  moved from pooled vectors to tokens. Padded tokens (``mask`` False) are
+  zeroed before the projection and left out of the mean.
+
+  Parameter count, ``c_m`` the token widths (``d_m`` where tokens are None),
+  ``d_m`` the pooled widths and ``M`` modalities: ``sum_m [(c_m + 1) * dim +
+  (d_m + 1) * dim + (dim + 1) * dim + dim * dim] + (M * dim + 1) * dim``.
+
+  Attributes:
+    dim: width of the projected tokens, the gates and the output.
+  """
+  dim: int = 128
+
+  @nn.compact
+  def __call__(self, encodings: dict[str, Encoding], *,
+               train: bool) -> jax.Array:
+    """Fuses ``{name: Encoding}`` (``pooled [batch, d_m]``, optional
+    ``tokens`` and ``mask``) into ``[batch, dim]``."""
+    del train
+    block = "Non-local gated"
+    check_multimodal(encodings, block)
+    sequences = token_sequences(
+        {n: e for n, e in encodings.items() if e.tokens is not None}, block)
+    batch = {n: e.pooled.shape[0] for n, e in encodings.items()}
+    batch.update({n: x.shape[0] for n, (x, _) in sequences.items()})
+    if len(set(batch.values())) > 1:
+      raise ValueError(f"{block} modalities disagree on batch size between "
+                       f"tokens and pooled: {batch}.")
+    ctx_MxBxD = jnp.stack([
+        nn.Dense(self.dim, name=f"context_{name}")(enc.pooled)
+        for name, enc in encodings.items()])
+    num = len(encodings)
+    # lecun_normal with the fan-in of the concatenation, num * dim.
+    out_init = nn.initializers.variance_scaling(1. / num, "fan_in",
+                                                "truncated_normal")
+    out_BxD = 0.
+    for i, (name, enc) in enumerate(encodings.items()):
+      x_BxNxC, mask_BxN = sequences.get(name, (enc.pooled[:, None], None))
+      h_BxNxD = nn.Dense(self.dim, name=f"proj_{name}")(x_BxNxC)
+      c_BxD = (ctx_MxBxD.sum(0) - ctx_MxBxD[i]) / (num - 1)
+      g_BxNxD = nn.sigmoid(
+          nn.Dense(self.dim, name=f"gate_{name}")(h_BxNxD)
+          + nn.Dense(self.dim, use_bias=False,
+                     name=f"gate_context_{name}")(c_BxD)[:, None])
+      s_BxD = masked_mean(g_BxNxD * h_BxNxD, mask_BxN)
+      out_BxD = out_BxD + nn.Dense(self.dim, use_bias=False,
+                                   kernel_init=out_init,
+                                   name=f"out_{name}")(s_BxD)
+    return out_BxD + self.param("out_bias", nn.initializers.zeros, (self.dim,))

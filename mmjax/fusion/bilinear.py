@@ -1,0 +1,144 @@
+"""Factorised bilinear pooling: MFB and MUTAN.
+
+Yu, Yu, Fan & Tao, 2017, "Multi-modal Factorized Bilinear Pooling with
+Co-Attention Learning for Visual Question Answering", arXiv:1708.01471.
+
+Ben-younes, Cadene, Cord & Thome, 2017, "MUTAN: Multimodal Tucker Fusion for
+Visual Question Answering", arXiv:1705.06676.
+
+Both papers fuse two modalities (question and image). With ``M > 2``
+modalities both blocks take the elementwise product over all ``M``
+projections, the M-way analogue of the bilinear form (a rank-constrained
+``M+1``-order tensor in place of the 3-order one). Parameters and dropout
+streams are named after the modality and the product is symmetric, so the
+result does not depend on the dict order (``jax.jit`` sorts dict keys).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.encoders.base import Encoding
+from mmjax.fusion.inputs import check_multimodal
+from mmjax.registry import FUSIONS
+
+# Offset inside the signed square root: its slope at 0 is 1 / (2 sqrt(EPS)),
+# large but finite, where the plain sqrt's is infinite.
+POWER_EPS = 1e-8
+# Floor on the squared L2 norm, so an all-zero vector maps to zero, not NaN.
+L2_EPS = 1e-24
+
+
+def signed_sqrt(z: jax.Array) -> jax.Array:
+  """Power normalisation ``sign(z) * sqrt(|z|)``, with finite gradients.
+
+  Computed as ``sign(z) * (sqrt(|z| + eps) - sqrt(eps))``: within
+  ``sqrt(eps) = 1e-4`` of the exact value and with gradient at most
+  ``1 / (2 sqrt(eps))`` everywhere, including at 0.
+  """
+  return jnp.sign(z) * (jnp.sqrt(jnp.abs(z) + POWER_EPS) - POWER_EPS**0.5)
+
+
+def l2_normalize(z_BxD: jax.Array) -> jax.Array:
+  """Scales each row to unit L2 norm; an all-zero row stays zero (and has
+  finite gradients)."""
+  sq_Bx1 = jnp.sum(jnp.square(z_BxD), axis=-1, keepdims=True)
+  return z_BxD * jax.lax.rsqrt(jnp.maximum(sq_Bx1, L2_EPS))
+
+
+@FUSIONS.register("mfb")
+class MFBFusion(nn.Module):
+  """Multi-modal Factorized Bilinear pooling (Yu et al. 2017).
+
+  Each modality's ``pooled [batch, d_m]`` is projected by its own
+  ``Dense(dim * factor)``; the projections are multiplied elementwise across
+  modalities, dropped out (training only, rng collection ``'dropout'``) and
+  sum-pooled over non-overlapping windows of ``factor``::
+
+    z = SumPool_k(prod_m Dense_m(x_m))        [batch, dim]
+
+  so each output is a rank-``factor`` bilinear (M-linear for ``M`` modalities)
+  form of the inputs. With ``normalize`` the result is power-normalised,
+  ``sign(z) sqrt(|z|)``, then L2-normalised per example, as in the paper; both
+  are computed so that gradients stay finite at ``z = 0`` (see
+  ``signed_sqrt``, ``l2_normalize``).
+
+  Parameter count, ``d_m`` the pooled widths: ``sum_m (d_m + 1) * dim *
+  factor``.
+
+  Attributes:
+    dim: width of the output (the paper's ``o``).
+    factor: the latent factor ``k``; each output sums ``k`` products.
+    dropout: dropout rate on the elementwise product.
+    normalize: power and L2 normalisation of the output.
+  """
+  dim: int = 128
+  factor: int = 5
+  dropout: float = 0.1
+  normalize: bool = True
+
+  @nn.compact
+  def __call__(self, encodings: dict[str, Encoding], *,
+               train: bool) -> jax.Array:
+    """Fuses ``{name: Encoding}``, each ``pooled [batch, d_m]``, into
+    ``[batch, dim]``."""
+    check_multimodal(encodings, "MFB")
+    prod_BxK = None
+    for name, enc in encodings.items():
+      p_BxK = nn.Dense(self.dim * self.factor, name=f"proj_{name}")(enc.pooled)
+      prod_BxK = p_BxK if prod_BxK is None else prod_BxK * p_BxK
+    prod_BxK = nn.Dropout(self.dropout, deterministic=not train)(prod_BxK)
+    z_BxD = prod_BxK.reshape(-1, self.dim, self.factor).sum(axis=-1)
+    if self.normalize:
+      z_BxD = l2_normalize(signed_sqrt(z_BxD))
+    return z_BxD
+
+
+@FUSIONS.register("mutan")
+class MutanFusion(nn.Module):
+  """MUTAN: multimodal Tucker fusion (Ben-younes et al. 2017).
+
+  The bilinear map ``T x_1 x_2`` is Tucker-decomposed: factor matrices map
+  each modality to ``hidden`` dims, ``x~_m = tanh(Dense_m(hidden)(x_m))``; the
+  core tensor is constrained to rank ``rank``, which gives::
+
+    z = sum_r prod_m (x~_m W_m^r)        [batch, hidden]
+    out = Dense(dim)(z)                  [batch, dim]
+
+  with ``prod_m`` elementwise. The ``rank`` maps ``W_m^r`` of one modality are
+  a single ``Dense(rank * hidden)``, reshaped to ``[batch, rank, hidden]``.
+  Dropout (training only, rng ``'dropout'``) is applied to each ``x~_m``, as
+  in the reference implementation.
+
+  Parameter count, ``d_m`` the pooled widths, ``H = hidden``, ``R = rank``:
+  ``sum_m [(d_m + 1) * H + (H + 1) * R * H] + (H + 1) * dim``.
+
+  Attributes:
+    dim: width of the output.
+    hidden: width of each projected modality (the paper's ``t_q = t_v``).
+    rank: rank ``R`` of the core tensor.
+    dropout: dropout rate on the projected modalities.
+  """
+  dim: int = 128
+  hidden: int = 64
+  rank: int = 5
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, encodings: dict[str, Encoding], *,
+               train: bool) -> jax.Array:
+    """Fuses ``{name: Encoding}``, each ``pooled [batch, d_m]``, into
+    ``[batch, dim]``."""
+    check_multimodal(encodings, "MUTAN")
+    prod_BxRxH = None
+    for name, enc in encodings.items():
+      x_BxH = jnp.tanh(nn.Dense(self.hidden, name=f"proj_{name}")(enc.pooled))
+      x_BxH = nn.Dropout(self.dropout, deterministic=not train,
+                         name=f"dropout_{name}")(x_BxH)
+      r_BxRxH = nn.Dense(self.rank * self.hidden, name=f"rank_{name}")(
+          x_BxH).reshape(-1, self.rank, self.hidden)
+      prod_BxRxH = r_BxRxH if prod_BxRxH is None else prod_BxRxH * r_BxRxH
+    z_BxH = prod_BxRxH.sum(axis=1)
+    return nn.Dense(self.dim, name="out")(z_BxH)

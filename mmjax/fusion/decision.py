@@ -1,0 +1,51 @@
+"""Decision-level (late) fusion: one prediction per modality, averaged.
+
+Snoek, Worring & Smeulders, 2005, "Early versus Late Fusion in Semantic Video
+Analysis", ACM Multimedia 2005.
+
+Ramachandram & Taylor, 2017, "Deep Multimodal Learning: A Survey on Recent
+Advances and Trends", IEEE Signal Processing Magazine.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from mmjax.encoders.base import Encoding
+from mmjax.fusion.inputs import check_pooled
+from mmjax.registry import FUSIONS
+
+
+@FUSIONS.register("decision")
+class DecisionFusion(nn.Module):
+  """Keeps the modalities apart, so that each gets its own prediction.
+
+  Each modality's ``pooled [batch, d_m]`` goes through its own ``Dense(dim)``
+  and ReLU. The block returns a dict, not one array: ``MultimodalModel``
+  then applies every head to each modality's features, with separate head
+  parameters per modality (``heads_<head>_<modality>``), and takes the mean
+  of the per-modality logits as the head's logits. The modalities interact
+  only in that average of decisions.
+
+  Works with one modality (then it is a unimodal model with one more layer).
+
+  Parameter count, ``d_m`` the pooled widths: ``sum_m (d_m + 1) * dim`` (the
+  per-modality heads are counted with the heads).
+
+  Attributes:
+    dim: width of each modality's features.
+  """
+  dim: int = 128
+
+  @nn.compact
+  def __call__(self, encodings: dict[str, Encoding], *,
+               train: bool) -> dict[str, jax.Array]:
+    """``{name: Encoding}``, each ``pooled [batch, d_m]`` -> ``{name:
+    [batch, dim]}``, in the order of ``encodings``."""
+    del train
+    if not encodings:
+      raise ValueError("Decision fusion needs at least one modality.")
+    check_pooled(encodings, "Decision")
+    return {name: nn.relu(nn.Dense(self.dim, name=f"proj_{name}")(enc.pooled))
+            for name, enc in encodings.items()}

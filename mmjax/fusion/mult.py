@@ -1,0 +1,102 @@
+"""Multimodal Transformer: cross-modal attention between every pair.
+
+Tsai, Bai, Liang, Kolter, Morency & Salakhutdinov, 2019, "Multimodal
+Transformer for Unaligned Multimodal Language Sequences", arXiv:1906.00295.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.encoders.base import Encoding
+from mmjax.fusion.attention import TokenEmbedding, check_attention_config
+from mmjax.fusion.inputs import check_multimodal, token_sequences
+from mmjax.registry import FUSIONS
+from mmjax.transformer import Transformer, TransformerLayer, masked_mean
+
+
+@FUSIONS.register("mult")
+class MulTFusion(nn.Module):
+  """MulT (Tsai et al. 2019): each modality attends to each other one.
+
+  1. Each modality's tokens (feature maps flattened to ``[batch, h*w, c]``)
+     are projected to ``dim`` by a bias-free ``Dense`` (the paper's kernel-1
+     ``Conv1D``) plus a learned position embedding (the paper's is
+     sinusoidal); see ``TokenEmbedding``.
+  2. For every ordered pair, target ``t`` and source ``s != t``, a stack of
+     ``num_layers`` cross-modal layers: ``t``'s tokens query ``s``'s projected
+     tokens (the same low-level ``s`` in every layer, as in the paper), with
+     ``s``'s mask on the keys, then a final LayerNorm. Output ``[batch, n_t,
+     dim]``.
+  3. For each target, the outputs from all its sources are concatenated on
+     features, ``[batch, n_t, (M - 1) * dim]``, and pass through
+     ``self_layers`` self-attention layers (the paper's per-target
+     transformer; 0 skips it).
+  4. Each target's sequence is pooled with a mean over its real tokens; the
+     ``M`` pooled vectors are concatenated and projected by ``Dense(dim)``.
+
+  The paper pools by taking the last element of each sequence. That works for
+  its unpadded, equal-length inputs; in a right-padded batch the last element
+  is padding for every shorter sequence, and for a flattened image it is just
+  the bottom-right cell. The mean over real tokens is defined for both and
+  ignores padding.
+
+  Every weight is separate per ordered pair and per target, so the parameter
+  count grows as ``M * (M - 1)`` cross-modal stacks; it works for any ``M >=
+  2`` (the paper uses 3: language, vision, audio).
+
+  Attributes:
+    dim: width of the projected tokens, of each cross-modal stream and of the
+      output.
+    num_layers: cross-modal layers per ordered pair.
+    self_layers: self-attention layers per target after concatenation.
+    num_heads: attention heads; must divide ``dim``.
+    mlp_dim: MLP hidden width in every layer.
+    dropout: dropout rate in the layers.
+    max_len: the most tokens one modality may have.
+  """
+  dim: int = 64
+  num_layers: int = 2
+  self_layers: int = 1
+  num_heads: int = 4
+  mlp_dim: int = 128
+  dropout: float = 0.0
+  max_len: int = 256
+
+  @nn.compact
+  def __call__(self, encodings: dict[str, Encoding], *,
+               train: bool) -> jax.Array:
+    """Fuses ``{name: Encoding}``, each with ``tokens [batch, h, w, c]`` or
+    ``[batch, time, d_m]`` (and optional ``mask [batch, time]``), into
+    ``[batch, dim]``."""
+    check_multimodal(encodings, "mult")
+    check_attention_config("mult", dim=self.dim, num_heads=self.num_heads,
+                           num_layers=self.num_layers)
+    if self.self_layers < 0:
+      raise ValueError(f"mult fusion needs self_layers >= 0; got "
+                       f"{self.self_layers}.")
+    xs = TokenEmbedding(self.dim, self.max_len, modality_embedding=False,
+                        name="embed")(token_sequences(encodings, "mult"))
+    pooled = []
+    for t, (x_BxNxD, mask_BxN) in xs.items():
+      streams = []
+      for s, (c_BxMxD, mask_BxM) in xs.items():
+        if s == t:
+          continue
+        y_BxNxD = x_BxNxD
+        for i in range(self.num_layers):
+          y_BxNxD = TransformerLayer(
+              self.num_heads, self.mlp_dim, self.dropout,
+              name=f"{t}_from_{s}_layer_{i}")(
+                  y_BxNxD, mask_BxN, context_BxMxE=c_BxMxD,
+                  context_mask_BxM=mask_BxM, train=train)
+        streams.append(nn.LayerNorm(name=f"{t}_from_{s}_ln")(y_BxNxD))
+      y_BxNxF = jnp.concatenate(streams, axis=-1)
+      if self.self_layers:
+        y_BxNxF = Transformer(self.self_layers, self.num_heads, self.mlp_dim,
+                              self.dropout, name=f"{t}_self")(
+                                  y_BxNxF, mask_BxN, train=train)
+      pooled.append(masked_mean(y_BxNxF, mask_BxN))
+    return nn.Dense(self.dim, name="out")(jnp.concatenate(pooled, axis=-1))
