@@ -27,7 +27,8 @@ from mmjax.data.tokenizer import Vocabulary
 
 # Datasets whose TFDS builders live in this package, imported on first use so
 # that TFDS knows them by name.
-BUILDER_MODULES = {"mm_shapes": "mmjax.data.mm_shapes"}
+BUILDER_MODULES = {"avmnist": "mmjax.data.avmnist",
+                   "mm_shapes": "mmjax.data.mm_shapes"}
 
 MASK_KEY = "_mask"
 
