@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import mmjax.encoders  # Registers the encoders.
+from mmjax.encoders import image
 from mmjax.encoders.image import LeNetEncoder
 from mmjax.encoders.resnet import ResNetEncoder
 from mmjax.encoders.sequence import Conv1DEncoder, MLPEncoder
@@ -175,6 +177,13 @@ def test_lenet_pools_like_torch():
                    jnp.zeros((B, 17, 16)))  # 17 -> 8 -> 4 rows.
   chex.assert_shape(out.tokens, (B, 4, 4, 4))
   chex.assert_shape(out.pooled, (B, 4))
+
+
+def test_max_pool_2x2_matches_flax_max_pool():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 10, 3)))
+  chex.assert_trees_all_equal(
+      image.max_pool_2x2(x),
+      nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
 
 
 def test_lenet_shape_errors():
