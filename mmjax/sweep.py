@@ -19,6 +19,9 @@ standard deviation::
     python -m mmjax.sweep --sweep=experiments/ablations/mm_shapes_fusion.py \
         --workdir=/tmp/mmjax/ablations/mm_shapes_fusion
     python -m mmjax.sweep --sweep=... --workdir=... --report   # table only
+
+The table is printed and written to ``WORKDIR/report.md``, with a bar chart
+of the accuracies in ``WORKDIR/report.png``.
 """
 
 from __future__ import annotations
@@ -133,13 +136,20 @@ def run_sweep(config_path: str, variants: Sequence[Variant], workdir: str,
   return failed
 
 
-def report(variants: Sequence[Variant], workdir: str,
-           split: str = "test") -> str:
-  """A markdown table: one row per group, in sweep order."""
+def grouped_results(variants: Sequence[Variant], workdir: str
+                    ) -> dict[str, list[dict[str, Any] | None]]:
+  """``{group: [results.json contents or None per run]}``, in sweep order."""
   groups: dict[str, list[dict[str, Any] | None]] = {}
   for variant in variants:
     groups.setdefault(variant.group_name, []).append(
         read_results(workdir, variant))
+  return groups
+
+
+def report(variants: Sequence[Variant], workdir: str,
+           split: str = "test") -> str:
+  """A markdown table: one row per group, in sweep order."""
+  groups = grouped_results(variants, workdir)
   rows = [f"| variant | {split} accuracy | runs | parameters | examples/s | "
           "train time |", "|---|---|---|---|---|---|"]
   for group, results in groups.items():
@@ -156,6 +166,31 @@ def report(variants: Sequence[Variant], workdir: str,
                 f"| {done[0]['num_params']:,} | {speed:,.0f} | "
                 f"{minutes:.1f} min |")
   return "\n".join(rows)
+
+
+def plot(variants: Sequence[Variant], workdir: str, path: str,
+         split: str = "test") -> None:
+  """Saves a bar chart of each finished group's accuracy (mean, with the
+  standard deviation over its runs as an error bar, and each run as a dot)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  groups = {group: [r[split]["accuracy"] for r in results if r is not None]
+            for group, results in grouped_results(variants, workdir).items()}
+  groups = {group: acc for group, acc in groups.items() if acc}
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(groups) + 1.5), 3.5))
+  for i, accuracy in enumerate(groups.values()):
+    spread = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
+    ax.bar(i, statistics.mean(accuracy), yerr=spread, color="tab:blue",
+           alpha=0.6, capsize=3)
+    ax.plot([i] * len(accuracy), accuracy, "k.", markersize=4)
+  ax.set_xticks(range(len(groups)), list(groups), rotation=45, ha="right")
+  ax.set_ylabel(f"{split} accuracy")
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def main(argv):
@@ -175,6 +210,7 @@ def main(argv):
   if not _DRY_RUN.value:
     with open(os.path.join(_WORKDIR.value, "report.md"), "w") as f:
       f.write(table + "\n")
+    plot(variants, _WORKDIR.value, os.path.join(_WORKDIR.value, "report.png"))
   if failed:
     sys.exit(f"Failed variants (see their .log files): {', '.join(failed)}.")
 

@@ -66,6 +66,8 @@ def test_command_and_report(tmp_path):
   table = sweep.report(variants, str(tmp_path)).splitlines()
   assert table[2] == "| a | 0.600 ± 0.141 | 2/2 | 1,234 | 100 | 2.0 min |"
   assert table[3] == "| b | not run | 0/1 | | | |"
+  sweep.plot(variants, str(tmp_path), str(tmp_path / "report.png"))
+  assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
   # Finished variants are skipped, so a sweep resumes where it stopped.
   assert sweep.run_sweep("experiments/mm_shapes.py", variants[:2],
                          str(tmp_path)) == []
