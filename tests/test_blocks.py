@@ -75,6 +75,21 @@ def assert_every_param_gets_grad(module, variables, *args):
   assert not dead, f"parameters with all-zero gradient: {dead}"
 
 
+def check_registered_fusion(name: str, cls, kwargs: dict,
+                            encs: dict[str, Encoding]):
+  """Checks the fusion block registered as ``name`` is ``cls`` and, built
+  with ``kwargs`` on ``encs``: gives finite outputs, agrees under jit and
+  gives every parameter a gradient. Returns its eval-mode output."""
+  assert FUSIONS.get(name) is cls
+  fusion = cls(**kwargs)
+  variables = _init(fusion, encs)
+  out = fusion.apply(variables, encs, train=False)
+  chex.assert_tree_all_finite(out)
+  assert_jit_agrees(fusion, variables, encs)
+  assert_every_param_gets_grad(fusion, variables, encs)
+  return out
+
+
 def _param_count(module, *args, **kwargs) -> int:
   shapes = jax.eval_shape(functools.partial(_init, module, **kwargs), *args)
   return sum(x.size for x in jax.tree.leaves(shapes.get("params", {})))

@@ -22,7 +22,7 @@ from mmjax.heads import ClassifierHead
 from mmjax.models import MultimodalModel
 from mmjax.registry import FUSIONS
 from test_blocks import (B, _image_enc, _init, _param_count, _seq_enc, _vec,
-                         assert_every_param_gets_grad, assert_jit_agrees)
+                         check_registered_fusion)
 
 DIM = 6
 
@@ -50,19 +50,13 @@ def _encs(num: int) -> dict[str, Encoding]:
 @pytest.mark.parametrize("block", BLOCKS)
 def test_fusion_block(block, num_modalities):
   name, cls, kwargs = BLOCKS[block]
-  assert FUSIONS.get(name) is cls
-  fusion = FUSIONS.get(name)(**kwargs)
   encs = _encs(num_modalities)
-  variables = _init(fusion, encs)
-  out = fusion.apply(variables, encs, train=False)
+  out = check_registered_fusion(name, cls, kwargs, encs)
   if name == "decision":
     assert list(out) == list(encs)
     chex.assert_tree_shape_prefix(out, (B, DIM))
   else:
     chex.assert_shape(out, (B, DIM))
-  chex.assert_tree_all_finite(out)
-  assert_jit_agrees(fusion, variables, encs)
-  assert_every_param_gets_grad(fusion, variables, encs)
 
 
 @pytest.mark.parametrize("num_modalities", [2, 3])

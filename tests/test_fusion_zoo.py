@@ -16,8 +16,7 @@ from mmjax.fusion.gated import GatedFusion
 from mmjax.fusion.multiplicative import MultiplicativeFusion
 from mmjax.fusion.tensor import LowRankFusion, TensorFusion, outer_product
 from mmjax.registry import FUSIONS
-from test_blocks import (B, _init, _param_count, _vec,
-                         assert_every_param_gets_grad, assert_jit_agrees)
+from test_blocks import B, _init, _param_count, _vec, check_registered_fusion
 
 DIM = 6
 
@@ -44,15 +43,8 @@ def _encs(num: int) -> dict[str, Encoding]:
 @pytest.mark.parametrize("block", BLOCKS)
 def test_fusion_block(block, num_modalities):
   name, cls, kwargs = BLOCKS[block]
-  assert FUSIONS.get(name) is cls
-  fusion = FUSIONS.get(name)(**kwargs)
-  encs = _encs(num_modalities)
-  variables = _init(fusion, encs)
-  out = fusion.apply(variables, encs, train=False)
+  out = check_registered_fusion(name, cls, kwargs, _encs(num_modalities))
   chex.assert_shape(out, (B, DIM))
-  chex.assert_tree_all_finite(out)
-  assert_jit_agrees(fusion, variables, encs)
-  assert_every_param_gets_grad(fusion, variables, encs)
 
 
 @pytest.mark.parametrize("num_modalities", [2, 3])
