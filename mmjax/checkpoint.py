@@ -39,6 +39,7 @@ class Checkpointer:
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=_ITEMS)
+    self._unconfirmed_step = None
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -56,6 +57,7 @@ class Checkpointer:
           state=ocp.args.StandardSave(state),
           data=grain.checkpoint.CheckpointSave(data_iterator),
           config=ocp.args.JsonSave(config)), force=True)
+    self._unconfirmed_step = step
 
   @contextlib.contextmanager
   def _explain_failure(self, step: int | None):
@@ -100,8 +102,16 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
+    """Blocks until the last save is on disk; raises ``CheckpointSaveError``
+    if it is not (Orbax logs, rather than raises, some background failures)."""
     with self._explain_failure(None):
       self._manager.wait_until_finished()
+    step, self._unconfirmed_step = self._unconfirmed_step, None
+    self._manager.reload()
+    if step is not None and step not in self._manager.all_steps():
+      with self._explain_failure(step):
+        raise FileNotFoundError(f"step {step} is not on disk after the save "
+                                "finished; Orbax's log above says why")
 
   def close(self) -> None:
     self.wait()

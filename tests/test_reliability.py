@@ -4,11 +4,13 @@ damage what a run already saved."""
 import errno
 import json
 import os
+import shutil
 
 import grain
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
@@ -128,3 +130,53 @@ def test_model_modality_the_data_lacks_is_named():
   train._check_batch_has(batch, ["image", "answer"], config)
   with pytest.raises(ValueError, match=r"needs audio .*mm_shapes/simple.*hold only: answer, image, question"):
     train._check_batch_has(batch, ["image", "audio"], config)
+
+
+def test_a_failed_async_save_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch):
+  """With async saving, a failed item write raises and keeps the previous
+  checkpoint."""
+  directory = str(tmp_path / "ckpt")
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  checkpointer = checkpoint_lib.Checkpointer(directory, async_save=True)
+  checkpointer.save(1, {"w": jnp.ones(3)}, iterator, {})
+  checkpointer.wait()
+
+  async def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save",
+                      disk_full)
+  with pytest.raises(checkpoint_lib.CheckpointSaveError,
+                     match=r"checkpoint 2 .*intact: \[1\]"):
+    checkpointer.save(2, {"w": jnp.zeros(3)}, iterator, {})
+    checkpointer.wait()
+  monkeypatch.undo()
+
+  restored, step = checkpoint_lib.Checkpointer(directory).restore_latest(
+      {"w": jnp.zeros(3)}, iterator)
+  assert step == 1
+  np.testing.assert_array_equal(restored["w"], np.ones(3))
+
+
+def test_a_save_missing_from_disk_after_wait_is_an_error(tmp_path,
+                                                          monkeypatch):
+  """``wait()`` confirms the step is on disk instead of trusting Orbax's
+  return, which does not raise for every background failure."""
+  directory = tmp_path / "ckpt"
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  checkpointer = checkpoint_lib.Checkpointer(str(directory))
+  checkpointer.save(1, {"w": jnp.ones(3)}, iterator, {})
+  checkpointer.wait()
+  real_wait = ocp.CheckpointManager.wait_until_finished
+
+  def wait_then_lose_step_2(manager):
+    real_wait(manager)
+    shutil.rmtree(directory / "2")
+
+  checkpointer.save(2, {"w": jnp.zeros(3)}, iterator, {})
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished",
+                      wait_then_lose_step_2)
+  with pytest.raises(checkpoint_lib.CheckpointSaveError,
+                     match=r"checkpoint 2 .*not on disk.*intact: \[1\]"):
+    checkpointer.wait()
