@@ -177,7 +177,9 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path,
   assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
   assert "Received SIGTERM: saved a checkpoint at step" in output
   saved = int(output.split("saved a checkpoint at step ")[1].split()[0])
-  assert os.listdir(workdir / "checkpoints") == [str(saved)]
+  listing = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+  assert os.listdir(workdir / "checkpoints") == [str(saved)], (
+      f"workdir after SIGTERM: {listing}\noutput:\n{output[-3000:]}")
 
   result = _run(_command(workdir, data_dir, f"--config.train.steps={saved + 2}"))
   assert f"Resuming from checkpoint at step {saved}." in result.stdout
