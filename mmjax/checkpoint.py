@@ -68,7 +68,7 @@ class Checkpointer:
       raise CheckpointSaveError(
           f"Saving {what} in {self.directory} failed ({type(e).__name__}: "
           f"{e}). The newest complete checkpoint is intact: "
-          f"{self._manager.all_steps(read=True)[-1:] or 'none'}. Free space or "
+          f"{self._steps_on_disk()[-1:] or 'none'}. Free space or "
           "fix the directory, then run the same command to resume.") from e
 
   def restore_latest(self, abstract_state: PyTree,
@@ -107,11 +107,15 @@ class Checkpointer:
     with self._explain_failure(None):
       self._manager.wait_until_finished()
     step, self._unconfirmed_step = self._unconfirmed_step, None
-    self._manager.reload()
-    if step is not None and step not in self._manager.all_steps():
+    if step is not None and step not in self._steps_on_disk():
       with self._explain_failure(step):
         raise FileNotFoundError(f"step {step} is not on disk after the save "
                                 "finished; Orbax's log above says why")
+
+  def _steps_on_disk(self) -> list[int]:
+    """The steps in the directory now, not Orbax's cached list."""
+    self._manager.reload()
+    return list(self._manager.all_steps())
 
   def close(self) -> None:
     self.wait()

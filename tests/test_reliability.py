@@ -59,27 +59,47 @@ def test_unwritable_workdir_is_named(tmp_path):
     train._prepare_workdir(str(blocker / "run"), load_experiment().get_config(""))
 
 
-def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path,
-                                                               monkeypatch):
-  directory = str(tmp_path / "ckpt")
+def _checkpointer_with_step_1(directory, async_save):
+  """A Checkpointer in ``directory`` that has saved step 1 (``w`` = ones),
+  and the data iterator it saves."""
   iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
-  checkpointer = checkpoint_lib.Checkpointer(directory, async_save=False)
-  state = {"w": jnp.ones(3)}
-  checkpointer.save(1, state, iterator, {})
+  checkpointer = checkpoint_lib.Checkpointer(str(directory),
+                                             async_save=async_save)
+  checkpointer.save(1, {"w": jnp.ones(3)}, iterator, {})
   checkpointer.wait()
+  return checkpointer, iterator
 
-  def disk_full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device")
 
+def _grain_handler():
   from grain._src.python.checkpoint import handler  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(handler.CheckpointHandler, "save", disk_full)
+  return handler.CheckpointHandler
+
+
+def _disk_full(*args, **kwargs):
+  raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def _disk_full_async(*args, **kwargs):
+  _disk_full()
+
+
+@pytest.mark.parametrize("async_save, handler, method, failing", [
+    (False, _grain_handler, "save", _disk_full),
+    (True, lambda: ocp.handlers.JsonCheckpointHandler, "async_save",
+     _disk_full_async),
+], ids=["sync_grain_item", "async_json_item"])
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch, async_save, handler, method, failing):
+  directory = tmp_path / "ckpt"
+  checkpointer, iterator = _checkpointer_with_step_1(directory, async_save)
+  monkeypatch.setattr(handler(), method, failing)
   with pytest.raises(checkpoint_lib.CheckpointSaveError,
                      match=r"Saving checkpoint 2 .*No space left on device.*intact: \[1\]"):
     checkpointer.save(2, {"w": jnp.zeros(3)}, iterator, {})
     checkpointer.wait()
   monkeypatch.undo()
 
-  fresh = checkpoint_lib.Checkpointer(directory)
+  fresh = checkpoint_lib.Checkpointer(str(directory))
   restored, step = fresh.restore_latest({"w": jnp.zeros(3)}, iterator)
   assert step == 1
   np.testing.assert_array_equal(restored["w"], np.ones(3))
@@ -132,42 +152,12 @@ def test_model_modality_the_data_lacks_is_named():
     train._check_batch_has(batch, ["image", "audio"], config)
 
 
-def test_a_failed_async_save_keeps_the_previous_checkpoint(
-    tmp_path, monkeypatch):
-  """With async saving, a failed item write raises and keeps the previous
-  checkpoint."""
-  directory = str(tmp_path / "ckpt")
-  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
-  checkpointer = checkpoint_lib.Checkpointer(directory, async_save=True)
-  checkpointer.save(1, {"w": jnp.ones(3)}, iterator, {})
-  checkpointer.wait()
-
-  async def disk_full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "async_save",
-                      disk_full)
-  with pytest.raises(checkpoint_lib.CheckpointSaveError,
-                     match=r"checkpoint 2 .*intact: \[1\]"):
-    checkpointer.save(2, {"w": jnp.zeros(3)}, iterator, {})
-    checkpointer.wait()
-  monkeypatch.undo()
-
-  restored, step = checkpoint_lib.Checkpointer(directory).restore_latest(
-      {"w": jnp.zeros(3)}, iterator)
-  assert step == 1
-  np.testing.assert_array_equal(restored["w"], np.ones(3))
-
-
 def test_a_save_missing_from_disk_after_wait_is_an_error(tmp_path,
                                                           monkeypatch):
   """``wait()`` confirms the step is on disk instead of trusting Orbax's
   return, which does not raise for every background failure."""
   directory = tmp_path / "ckpt"
-  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
-  checkpointer = checkpoint_lib.Checkpointer(str(directory))
-  checkpointer.save(1, {"w": jnp.ones(3)}, iterator, {})
-  checkpointer.wait()
+  checkpointer, iterator = _checkpointer_with_step_1(directory, True)
   real_wait = ocp.CheckpointManager.wait_until_finished
 
   def wait_then_lose_step_2(manager):
