@@ -1,10 +1,16 @@
-"""Orbax checkpoints of the train state, the data iterator and the config.
+"""Orbax checkpoints of the train state and the config.
 
-Layout: ``workdir/checkpoints/<step>/{state,data,config}``. Saves are
-asynchronous; ``wait`` blocks until the last one is on disk. Restoring tries
-the newest step first; a step that cannot be read (missing or truncated files)
-is logged, moved aside to ``workdir/checkpoints.corrupt/<step>`` (never
-deleted) and the next older one is tried.
+Layout: ``workdir/checkpoints/<step>/{state,config}``. The data position needs
+no saving: train batches are indexed by step (``mmjax.data.pipeline``). Saves
+are asynchronous; ``wait`` blocks until the last one is on disk and checks
+that it is. Restoring tries the newest step first; a step that cannot be read
+(missing or truncated files) is logged, moved aside to
+``workdir/checkpoints.corrupt/<step>`` (never deleted) and the next older one
+is tried.
+
+With several processes every process calls ``save`` and ``restore_latest``
+(Orbax synchronises them; process 0 writes the replicated state), so the
+directory must be on storage that every host sees.
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ import os
 import shutil
 from typing import Any, Optional
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
 PyTree = Any
-_ITEMS = ("state", "data", "config")
+# Checkpoints written before the data position was derived from the step also
+# hold a "data" item (a grain iterator state); it is ignored.
+_ITEMS = ("state", "config")
 
 
 class CheckpointSaveError(OSError):
@@ -28,7 +35,11 @@ class CheckpointSaveError(OSError):
 
 
 class Checkpointer:
-  """Saves and restores ``(train state, data iterator state, config)``."""
+  """Saves and restores ``(train state, config)``.
+
+  A context manager: leaving it waits for the last save and closes Orbax, and
+  when an exception is leaving it says whether that save reached the disk.
+  """
 
   def __init__(self, directory: str, *, max_to_keep: int = 3,
                async_save: bool = True):
@@ -44,8 +55,7 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: PyTree, data_iterator: Any,
-           config: dict[str, Any]) -> None:
+  def save(self, step: int, state: PyTree, config: dict[str, Any]) -> None:
     """Starts saving ``state`` (one unreplicated copy) at ``step``.
 
     A failed save (a full disk, say) raises ``CheckpointSaveError``; Orbax
@@ -55,7 +65,6 @@ class Checkpointer:
     with self._explain_failure(step):
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(data_iterator),
           config=ocp.args.JsonSave(config)), force=True)
     self._unconfirmed_step = step
 
@@ -71,15 +80,14 @@ class Checkpointer:
           f"{self._steps_on_disk()[-1:] or 'none'}. Free space or "
           "fix the directory, then run the same command to resume.") from e
 
-  def restore_latest(self, abstract_state: PyTree,
-                     data_iterator: Any) -> Optional[tuple[PyTree, int]]:
-    """Restores the newest readable step into ``data_iterator`` and returns
-    ``(state, step)``, or ``None`` when there is no readable checkpoint."""
+  def restore_latest(self, abstract_state: PyTree
+                     ) -> Optional[tuple[PyTree, int]]:
+    """``(state, step)`` of the newest readable step, or ``None`` when there
+    is no readable checkpoint."""
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            state=ocp.args.StandardRestore(abstract_state)))
       except Exception as e:  # pylint: disable=broad-except
         self._move_aside(step, e)
         continue
@@ -87,6 +95,8 @@ class Checkpointer:
     return None
 
   def _move_aside(self, step: int, error: Exception) -> None:
+    if jax.process_index() != 0:  # Every process fails alike; one moves.
+      return
     os.makedirs(self.corrupt_directory, exist_ok=True)
     target = os.path.join(self.corrupt_directory, str(step))
     suffix = 0
@@ -117,9 +127,36 @@ class Checkpointer:
     self._manager.reload()
     return list(self._manager.all_steps())
 
+  def newest_step_on_disk(self) -> Optional[int]:
+    """The newest complete step in the directory now (after any save in
+    flight finished or failed: call ``wait`` first)."""
+    return max(self._steps_on_disk(), default=None)
+
   def close(self) -> None:
-    self.wait()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    # Something else stopped the run: finish (or fail) the save in flight and
+    # say where that left the checkpoints, without hiding the first error.
+    unconfirmed = self._unconfirmed_step
+    try:
+      self.close()
+      if unconfirmed is not None:
+        print(f"The run stopped with {exc_type.__name__} while checkpoint "
+              f"{unconfirmed} was being saved; that save completed.",
+              flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"The run stopped with {exc_type.__name__}, and the checkpoint "
+            f"save in flight did not complete: {e}", flush=True)
 
 
 def load_params(directory: str) -> tuple[PyTree, PyTree, int]:

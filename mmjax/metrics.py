@@ -83,13 +83,15 @@ class MetricWriter:
     logging.info("step %d %s: %s", step, split, ", ".join(
         f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "split")))
 
-  def flush(self) -> None:
-    if self._tb is not None:
-      self._tb.flush()
-
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

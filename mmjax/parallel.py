@@ -25,6 +25,7 @@ import os
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -37,13 +38,41 @@ PyTree = Any
 def initialize_distributed() -> None:
   """Joins a multi-host job when launched as one (no-op on a single host).
 
-  Set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID`` (or run under a cluster JAX detects, e.g. SLURM or
-  Cloud TPU) to start a multi-host run.
+  Set ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0),
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every host, or run under a
+  cluster that JAX detects (SLURM, Open MPI, Cloud TPU, Kubernetes). On CPU,
+  cross-process collectives use gloo.
   """
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
-      "SLURM_NTASKS", "1") != "1":
-    jax.distributed.initialize()
+  env = os.environ
+  num_processes = env.get("JAX_NUM_PROCESSES")
+  process_id = env.get("JAX_PROCESS_ID")
+  if (num_processes is None) != (process_id is None):
+    raise ValueError("Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (this "
+                     "host's index, 0 to JAX_NUM_PROCESSES - 1), or neither.")
+  explicit = env.get("JAX_COORDINATOR_ADDRESS") or num_processes is not None
+  under_slurm = int(env.get("SLURM_NTASKS", "1")) > 1
+  if not (explicit or under_slurm):
+    return
+  if explicit and not env.get("JAX_COORDINATOR_ADDRESS"):
+    raise ValueError("JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS is "
+                     "not: set it to host:port of process 0 on every host.")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      num_processes=int(num_processes) if num_processes else None,
+      process_id=int(process_id) if process_id else None)
+
+
+def gather_from_processes(value: np.ndarray) -> np.ndarray:
+  """``[processes, ...]``: every process's ``value`` (all must call it)."""
+  if jax.process_count() == 1:
+    return np.asarray(value)[None]
+  return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches the barrier ``name``."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 class DataParallel:
@@ -71,7 +100,11 @@ class DataParallel:
   def replicate(self, tree: PyTree) -> PyTree:
     """Host state -> device state (one copy per device)."""
     if self.backend == "shard_map":
-      return jax.device_put(tree, NamedSharding(self.mesh, P()))
+      # Every process holds the same host state: no cross-process transfer
+      # (or the equality check that device_put would make).
+      replicated = NamedSharding(self.mesh, P())
+      return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+          replicated, np.asarray(x)), tree)
     n = len(self.local_devices)
 
     def stack(x):
@@ -81,10 +114,21 @@ class DataParallel:
     return jax.tree.map(stack, tree)
 
   def unreplicate(self, tree: PyTree) -> PyTree:
-    """Device state -> one copy (on the first local device)."""
+    """Device state -> one copy (on the first local device).
+
+    Reads this process's first shard: indexing the whole pmap array instead
+    (``x[0]``) would be a computation over every process's devices.
+    """
     if self.backend == "shard_map":
       return tree
-    return jax.tree.map(lambda x: x[0], tree)
+    return jax.tree.map(lambda x: x.addressable_data(0)[0], tree)
+
+  def host_copy(self, tree: PyTree) -> PyTree:
+    """Device state -> one copy in host memory (numpy), e.g. to save."""
+    first_shard = lambda x: np.asarray(x.addressable_data(0))
+    if self.backend == "shard_map":
+      return jax.tree.map(first_shard, tree)
+    return jax.tree.map(lambda x: first_shard(x)[0], tree)
 
   # Batches -------------------------------------------------------------------
 

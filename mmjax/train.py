@@ -11,12 +11,11 @@ What a run writes in ``workdir``: ``config.json``, ``metrics.jsonl``,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import logging
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -32,6 +31,7 @@ from mmjax import metrics as metrics_lib
 from mmjax import models
 from mmjax import optim
 from mmjax import parallel
+from mmjax import preemption
 from mmjax import steps
 from mmjax.data import pipeline
 
@@ -40,31 +40,15 @@ class NonFiniteError(FloatingPointError):
   """The loss or gradients became NaN or infinite."""
 
 
-class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag checked between steps (preemption)."""
-
-  def __init__(self):
-    self.signal_name = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signal_name = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` and returns the contents of
-  ``results.json``."""
+  ``results.json``.
+
+  On SIGTERM/SIGINT it finishes the step in progress (with its logging,
+  checkpoint and evaluation), saves that step, waits until it is on disk and
+  raises ``SystemExit(128 + signal)``.
+  """
   config_lib.validate_config(config)
   # "rbg" compiles several times faster than threefry on CPU (seconds per
   # random call) and is as deterministic on a given platform.
@@ -72,9 +56,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   is_chief = jax.process_index() == 0
   if is_chief:
     _prepare_workdir(workdir, config)
+  _check_workdir_is_shared(workdir)
 
   dp = parallel.DataParallel(config.parallel.backend)
-  builder = pipeline.ensure_prepared(config)
+  builder = _prepare_dataset(config)
   vocabularies = pipeline.load_or_build_vocabularies(config, workdir)
   targets = losses.head_targets(config.model.heads)
   model = models.build_model(
@@ -86,31 +71,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   schedule = optim.make_schedule(config.optim, config.train.steps)
   tx = optim.make_optimizer(config.optim, schedule)
 
-  train_iter = pipeline.make_train_iterator(config, vocabularies)
-  example = _peek(train_iter)
+  train_batches = pipeline.train_batches(config, vocabularies)
+  example = train_batches[0]
   _check_batch_has(example, list(config.model.modalities) +
                    [t for t, _ in targets.values()], config)
   host_state = steps.create_train_state(
       model, tx, jax.tree.map(lambda x: x[:1], example),
       jax.random.PRNGKey(config.seed))
   num_params = models.count_params(host_state.params)
-
-  checkpointer = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"),
-      max_to_keep=config.checkpoint.max_to_keep,
-      async_save=config.checkpoint.async_save)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_chief)
-  restored = checkpointer.restore_latest(host_state, train_iter)
-  if restored is not None:
-    host_state, start_step = restored
-    writer.truncate_after(start_step)
-    print(f"Resuming from checkpoint at step {start_step}.", flush=True)
-  else:
-    start_step = 0
-    if config.get("init_from"):
-      host_state = _warm_start(host_state, config.init_from)
-  state = dp.replicate(host_state)
-  del host_state
 
   train_step = dp.train_step(functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
@@ -120,82 +88,152 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       steps.eval_step, model=model, targets=targets,
       mask_key=pipeline.MASK_KEY))
 
-  def evaluate(split: str) -> dict[str, float]:
+  def evaluate(state, split: str) -> dict[str, float]:
     total = None
     for batch in pipeline.eval_batches(config, split, vocabularies):
-      total = metrics_lib.add_sums(total, eval_step(state, dp.shard_batch(batch)))
+      sums = eval_step(state, dp.shard_batch(batch))
+      total = metrics_lib.add_sums(total, sums)
     return metrics_lib.sums_to_means(total)
 
-  def save(step: int) -> None:
-    checkpointer.save(step, dp.unreplicate(state), train_iter, config.to_dict())
+  # Every exit path (the end, a stop signal, NonFiniteError, any exception)
+  # leaves through here: the signal handlers stay installed until the last
+  # save is on disk, then the checkpointer, writer and progress bar close.
+  with contextlib.ExitStack() as stack:
+    stop = stack.enter_context(preemption.StopRequest())
+    checkpointer = stack.enter_context(checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save))
+    writer = stack.enter_context(
+        metrics_lib.MetricWriter(workdir, enabled=is_chief))
+    restored = checkpointer.restore_latest(host_state)
+    if restored is not None:
+      host_state, start_step = restored
+      writer.truncate_after(start_step)
+      print(f"Resuming from checkpoint at step {start_step}.", flush=True)
+    else:
+      start_step = 0
+      if config.get("init_from"):
+        host_state = _warm_start(host_state, config.init_from)
+    state = dp.replicate(host_state)
+    del host_state
+    print(f"Training {num_params:,} parameters on {dp.num_devices} device(s) "
+          f"({dp.backend}), global batch {config.input.batch_size}, steps "
+          f"{start_step} -> {config.train.steps}.", flush=True)
+    progress = stack.enter_context(tqdm.tqdm(
+        total=config.train.steps, initial=start_step, disable=not is_chief,
+        dynamic_ncols=True, desc="train"))
 
-  total_steps = config.train.steps
-  global_batch = config.input.batch_size
-  print(f"Training {num_params:,} parameters on {dp.num_devices} device(s) "
-        f"({dp.backend}), global batch {global_batch}, steps {start_step} -> "
-        f"{total_steps}.", flush=True)
+    def save(step: int) -> None:
+      checkpointer.save(step, dp.host_copy(state), config.to_dict())
 
-  pending: list[dict[str, Any]] = []
-  train_seconds = 0.0
-  timed_examples, timed_seconds = 0, 0.0
-  interval_start, interval_step = time.perf_counter(), start_step
-  progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_chief,
-                       dynamic_ncols=True, desc="train")
-  step = start_step
-  with _StopRequest() as stop:
-    while step < total_steps:
-      batch = dp.shard_batch(next(train_iter))
-      state, step_metrics = train_step(state, batch)
+    meter = _Throughput(start_step, config.input.batch_size)
+    saved_step = start_step if restored is not None else None
+    pending: list[dict[str, Any]] = []
+    batches = pipeline.iterate_from(train_batches, start_step, config)
+    step = start_step
+    while step < config.train.steps:
+      if stop.should_stop(step):
+        break
+      state, step_metrics = train_step(state, dp.shard_batch(next(batches)))
       pending.append(step_metrics)
       step += 1
       progress.update(1)
 
-      log_now = step % config.train.log_every_steps == 0 or step == total_steps
       save_now = (step % config.checkpoint.every_steps == 0
-                  or step == total_steps or stop.signal_name)
-      if log_now or save_now:
-        logged = metrics_lib.mean_over_steps(jax.device_get(pending))
+                  or step == config.train.steps)
+      if step % config.train.log_every_steps == 0 or save_now:
+        _log_train(writer, progress, meter, step, pending)
         pending = []
-        elapsed = time.perf_counter() - interval_start
-        train_seconds += elapsed
-        examples = (step - interval_step) * global_batch
-        if interval_step > start_step:  # The first interval includes compiling.
-          timed_examples, timed_seconds = (timed_examples + examples,
-                                           timed_seconds + elapsed)
-        logged["examples_per_sec"] = examples / max(elapsed, 1e-9)
-        _check_finite(logged, step)
-        writer.write(step, "train", logged)
-        progress.set_postfix(loss=f"{logged['loss']:.3f}",
-                             acc=f"{logged['accuracy']:.3f}")
-        interval_start, interval_step = time.perf_counter(), step
       if save_now:
         save(step)
-      if (step % config.train.eval_every_steps == 0 and step < total_steps):
-        writer.write(step, "validation", evaluate("validation"))
-        interval_start = time.perf_counter()  # Eval time is not train time.
-      if stop.signal_name and step < total_steps:
-        checkpointer.close()
-        writer.close()
-        progress.close()
-        print(f"Received {stop.signal_name}: saved a checkpoint at step {step} "
-              "and stopped. Run the same command again to resume.", flush=True)
-        raise SystemExit(128 + getattr(signal, stop.signal_name))
-  progress.close()
+        saved_step = step
+      if (step % config.train.eval_every_steps == 0
+          and step < config.train.steps):
+        writer.write(step, "validation", evaluate(state, "validation"))
+        meter.restart()  # Evaluation time is not training time.
 
-  results = {split: evaluate(split) for split in config.dataset.eval_splits}
-  for split, split_metrics in results.items():
-    writer.write(step, split, split_metrics)
-  results.update(
-      steps=step, train_seconds=train_seconds, num_params=num_params,
-      examples_per_sec=(timed_examples / timed_seconds if timed_seconds
-                        else (step - start_step) * global_batch /
-                        max(train_seconds, 1e-9)))
-  checkpointer.close()
-  writer.close()
+    if step < config.train.steps:  # Stopped by a signal.
+      if pending:
+        _log_train(writer, progress, meter, step, pending)
+      if step != saved_step:
+        save(step)
+      checkpointer.wait()  # Raises unless the step is on disk.
+      on_disk = checkpointer.newest_step_on_disk()
+      print(f"{stop.reason}: checkpoint {on_disk} is on disk (step "
+            f"{on_disk} of {config.train.steps}); stopped. Run the same "
+            "command again to resume.", flush=True)
+      raise SystemExit(stop.exit_code)
+    progress.close()
+
+    results = {split: evaluate(state, split)
+               for split in config.dataset.eval_splits}
+    for split, split_metrics in results.items():
+      writer.write(step, split, split_metrics)
+    results.update(steps=step, num_params=num_params, **meter.summary())
+  # The final checkpoint is on disk (the checkpointer closed).
   if is_chief:
     _write_json(os.path.join(workdir, "results.json"), results)
   print(_summary(results), flush=True)
   return results
+
+
+class _Throughput:
+  """Training time and examples/s, without evaluation or the first logging
+  interval (which includes compiling)."""
+
+  def __init__(self, start_step: int, global_batch: int):
+    self.start_step = start_step
+    self.global_batch = global_batch
+    self.train_seconds = 0.0
+    self._timed_examples, self._timed_seconds = 0, 0.0
+    self._interval_start, self._interval_step = time.perf_counter(), start_step
+
+  def restart(self) -> None:
+    self._interval_start = time.perf_counter()
+
+  def interval(self, step: int) -> float:
+    """Closes the interval ending at ``step``; returns its examples/s."""
+    elapsed = time.perf_counter() - self._interval_start
+    examples = (step - self._interval_step) * self.global_batch
+    self.train_seconds += elapsed
+    if self._interval_step > self.start_step:
+      self._timed_examples += examples
+      self._timed_seconds += elapsed
+    self._interval_start, self._interval_step = time.perf_counter(), step
+    return examples / max(elapsed, 1e-9)
+
+  def summary(self) -> dict[str, float]:
+    if self._timed_seconds:
+      per_sec = self._timed_examples / self._timed_seconds
+    else:
+      per_sec = ((self._interval_step - self.start_step) * self.global_batch /
+                 max(self.train_seconds, 1e-9))
+    return {"train_seconds": self.train_seconds, "examples_per_sec": per_sec}
+
+
+def _log_train(writer: metrics_lib.MetricWriter, progress: tqdm.tqdm,
+               meter: _Throughput, step: int,
+               pending: list[dict[str, Any]]) -> None:
+  """Writes the mean of the steps' metrics since the last log; raises
+  ``NonFiniteError`` on a NaN/Inf loss or gradient."""
+  logged = metrics_lib.mean_over_steps(jax.device_get(pending))
+  logged["examples_per_sec"] = meter.interval(step)
+  _check_finite(logged, step)
+  writer.write(step, "train", logged)
+  progress.set_postfix(loss=f"{logged['loss']:.3f}",
+                       acc=f"{logged['accuracy']:.3f}")
+
+
+def _prepare_dataset(config: ml_collections.ConfigDict):
+  """The dataset's builder; process 0 generates the dataset if needed while
+  the others wait, so that no two processes write it."""
+  if jax.process_index() == 0:
+    builder = pipeline.ensure_prepared(config)
+  parallel.sync_processes("mmjax: dataset prepared")
+  if jax.process_index() != 0:
+    builder = pipeline.ensure_prepared(config)
+  return builder
 
 
 def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -219,6 +257,34 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
                   "--workdir.") from e
 
 
+def _check_workdir_is_shared(workdir: str) -> None:
+  """With several processes, checks that all see process 0's ``workdir``
+  (checkpoints are written once and read by all): process 0 writes a random
+  token there, the others must read the same."""
+  if jax.process_count() == 1:
+    return
+  path = os.path.join(workdir, ".process_0_token")
+  token = int(np.random.default_rng().integers(2**31))
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      f.write(str(token))
+  token = int(parallel.gather_from_processes(np.int32(token))[0])
+  try:
+    with open(path) as f:
+      sees = int(f.read()) == token
+  except (OSError, ValueError):
+    sees = False
+  blind = np.flatnonzero(parallel.gather_from_processes(np.int32(not sees)))
+  if jax.process_index() == 0:  # Every process has read it.
+    os.remove(path)
+  if blind.size:
+    raise OSError(
+        f"Process(es) {', '.join(map(str, blind))} do not see workdir "
+        f"{workdir} as process 0 wrote it. A multi-host run writes its "
+        "checkpoints once and every process reads them: put --workdir on "
+        "storage that every host mounts at the same path.")
+
+
 def _check_batch_has(batch: dict[str, np.ndarray], keys: list[str],
                      config: ml_collections.ConfigDict) -> None:
   missing = [k for k in keys if k not in batch]
@@ -227,14 +293,6 @@ def _check_batch_has(batch: dict[str, np.ndarray], keys: list[str],
         f"The model needs {', '.join(missing)} (config.model.modalities and "
         f"head targets), but batches of {pipeline.dataset_name(config)} after "
         f"config.input.pp_train hold only: {', '.join(sorted(batch))}.")
-
-
-def _peek(iterator) -> dict[str, np.ndarray]:
-  """The next element of a grain iterator, leaving the iterator unmoved."""
-  position = iterator.get_state()
-  element = next(iterator)
-  iterator.set_state(position)
-  return element
 
 
 def _warm_start(state: steps.TrainState, init_from: str) -> steps.TrainState:

@@ -1,12 +1,12 @@
 """Input pipeline: TFDS array_record data sources read through grain.
 
-Train batches come from an infinite, shuffled, deterministic grain iterator
-whose state is checkpointed with the model, so a resumed run sees exactly the
-batches an uninterrupted one would. Eval batches cover a split once, padded to
+Train batches are an infinite, shuffled, deterministic sequence indexed by
+step, so a resumed run reads exactly the batches an uninterrupted one would,
+on any number of processes. Eval batches cover a split once, padded to
 a fixed batch size with a ``_mask`` field marking real examples.
 
-Each process (host) reads its own shard of every split and produces its local
-part of the global batch; ``mmjax.parallel`` assembles the global batch.
+Each process (host) reads a disjoint part of every split and produces its
+local part of the global batch; ``mmjax.parallel`` assembles the global batch.
 """
 
 from __future__ import annotations
@@ -134,27 +134,45 @@ def _host_shard(dataset: grain.MapDataset) -> grain.MapDataset:
   return dataset[jax.process_index()::jax.process_count()]
 
 
-def make_train_iterator(config: ml_collections.ConfigDict,
-                        vocabularies: dict[str, Vocabulary]):
-  """An infinite iterator of preprocessed local train batches.
+def train_batches(config: ml_collections.ConfigDict,
+                  vocabularies: dict[str, Vocabulary]) -> grain.MapDataset:
+  """Preprocessed local train batches, indexed by step (infinite).
 
-  Returns a grain ``DatasetIterator``: ``next()`` gives a dict of numpy arrays
-  ``[local_batch, ...]``; its state is saved and restored with checkpoints.
+  Element ``step`` is this process's part of the global batch that train step
+  ``step`` reads: the train split is shuffled and batched once, globally, with
+  ``config.seed``, and process ``p`` of ``P`` takes rows ``[p * B / P, (p + 1)
+  * B / P)`` of each global batch of ``B`` (and reads only those). So the
+  global batches, and therefore the run, do not depend on the number of
+  processes, and a run resumes at ``step`` without any saved iterator state.
+  Random preprocessing draws from one stream per process (on one process, the
+  stream grain gives each batch).
   """
   pp = preprocess.build_pp(config.input.pp_train, vocabularies)
   source = data_source(config, config.dataset.train_split)
-  dataset = (_host_shard(grain.MapDataset.range(len(source)))
-             .seed(config.seed)
-             .shuffle()
-             .repeat()
-             .batch(local_batch_size(config.input.batch_size),
-                    drop_remainder=True)
-             .random_map(lambda indices, rng: pp(read_batch(source, indices),
-                                                 rng)))
+  size = local_batch_size(config.input.batch_size)
+  index, count = jax.process_index(), jax.process_count()
+
+  def read(global_indices, rng):
+    if count > 1:  # Otherwise every process would draw the same values.
+      rng = np.random.default_rng([int(rng.integers(2**63)), index])
+    rows = global_indices[index * size:(index + 1) * size]
+    return pp(read_batch(source, rows), rng)
+
+  return (grain.MapDataset.range(len(source))
+          .seed(config.seed)
+          .shuffle()
+          .repeat()
+          .batch(config.input.batch_size, drop_remainder=True)
+          .random_map(read))
+
+
+def iterate_from(batches: grain.MapDataset, step: int,
+                 config: ml_collections.ConfigDict):
+  """Batches ``step, step + 1, ...`` of ``batches``, read ahead by threads."""
   read_options = grain.ReadOptions(
       num_threads=config.input.num_threads,
       prefetch_buffer_size=config.input.prefetch_batches)
-  return iter(dataset.to_iter_dataset(read_options))
+  return iter(batches[step:].to_iter_dataset(read_options))
 
 
 def read_batch(source, indices: np.ndarray) -> dict[str, np.ndarray]:

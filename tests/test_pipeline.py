@@ -1,0 +1,89 @@
+"""How the input pipeline splits data over processes (hosts): the global
+train batch of every step is the same on any number of processes, and an
+evaluation sees every example exactly once. Processes are simulated by
+setting ``jax.process_index``/``process_count`` one at a time."""
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax.data import pipeline
+from mmjax.data import preprocess
+
+from test_config import load_experiment
+
+NUM_PROCESSES = 2
+
+
+@pytest.fixture
+def config(data_dir):
+  config = load_experiment().get_config("runlocal")
+  config.dataset.data_dir = data_dir
+  config.input.pp_train = "keep(keys=('image', 'answer'))"
+  config.input.pp_eval = "keep(keys=('image', 'answer'))"
+  config.eval.batch_size = 40  # 96 examples: a padded last batch.
+  return config
+
+
+def _as_process(monkeypatch, index, count):
+  monkeypatch.setattr(jax, "process_index", lambda: index)
+  monkeypatch.setattr(jax, "process_count", lambda: count)
+
+
+def _image_ids(batch):
+  """A fingerprint per example (the un-normalised image's pixel sum)."""
+  return np.round(batch["image"].reshape(len(batch["image"]), -1).sum(1), 3)
+
+
+def test_each_process_reads_its_rows_of_the_same_global_batch(
+    config, monkeypatch):
+  vocabularies = {}
+  _as_process(monkeypatch, 0, 1)
+  one = pipeline.train_batches(config, vocabularies)
+  parts = []
+  for index in range(NUM_PROCESSES):
+    _as_process(monkeypatch, index, NUM_PROCESSES)
+    parts.append(pipeline.train_batches(config, vocabularies))
+  for step in (0, 1, 39, 40, 123):  # 40 steps per epoch at batch 16.
+    whole = one[step]
+    halves = [part[step] for part in parts]
+    assert all(len(h["answer"]) == 8 for h in halves)
+    for key in whole:
+      np.testing.assert_array_equal(
+          whole[key], np.concatenate([h[key] for h in halves]))
+
+
+def test_random_preprocessing_differs_between_processes(config, monkeypatch):
+  """Without a stream per process, every process would, say, crop its rows
+  with the same offsets."""
+  draw = lambda batch, rng: {"draw": rng.integers(2**31, size=4)}
+  monkeypatch.setattr(preprocess, "build_pp", lambda spec, vocabularies: draw)
+  draws = []
+  for index in range(NUM_PROCESSES):
+    _as_process(monkeypatch, index, NUM_PROCESSES)
+    draws.append(pipeline.train_batches(config, {})[0]["draw"])
+  assert not np.array_equal(draws[0], draws[1])
+  # And again the same: the streams are deterministic.
+  np.testing.assert_array_equal(
+      draws[1], pipeline.train_batches(config, {})[0]["draw"])
+
+
+def test_every_eval_example_is_counted_once_across_processes(config,
+                                                              monkeypatch):
+  vocabularies = {}
+  _as_process(monkeypatch, 0, 1)
+  expected = sorted(np.concatenate(
+      [_image_ids(b)[b[pipeline.MASK_KEY]] for b in
+       pipeline.eval_batches(config, "validation", vocabularies)]))
+  assert len(expected) == 96
+
+  seen, num_batches = [], set()
+  for index in range(NUM_PROCESSES):
+    _as_process(monkeypatch, index, NUM_PROCESSES)
+    batches = list(pipeline.eval_batches(config, "validation", vocabularies))
+    num_batches.add(len(batches))  # Equal, or the collectives would hang.
+    for batch in batches:
+      assert len(batch[pipeline.MASK_KEY]) == 20  # 40 / 2 processes.
+      seen.extend(_image_ids(batch)[batch[pipeline.MASK_KEY]])
+  assert len(num_batches) == 1
+  assert sorted(seen) == expected
