@@ -7,19 +7,20 @@ reproduction), sends it a stop signal, then runs the same command again to the
 end, and checks:
 
 * the run exits with 128 + signal and names the step it saved, and that step
-  is on disk when it exits (or the run finished, if the signal came during the
-  final evaluation);
+  is on disk when it exits (or the run finished with ``results.json``, if the
+  signal came during the final evaluation or after ``Done``);
 * the restart resumes from exactly that step;
 * the resumed run ends with parameters and BatchNorm statistics bit-identical
   to an uninterrupted run of the same command.
 
-Where the signal lands is drawn per trial: at a random time after training
-starts, the moment an async save's temporary directory appears, or the moment
-a validation starts (a train line at an evaluation step logged, its
-validation line not yet). A trial sends SIGTERM or SIGINT, sometimes a second
-signal while the first is handled; a few trials send SIGKILL during a save
-instead and check that the restart resumes from the newest complete
-checkpoint. What was observed just before each signal (a save in flight, an
+Where the signal lands is drawn per trial: at a random moment (0-0.3 s after
+a random step, 0-59, was logged; step 0 is while the first step compiles),
+the moment an async save's temporary directory appears, the moment a
+validation starts (a train line at an evaluation step logged, its validation
+line not yet), or during the final evaluation. A trial sends SIGTERM or
+SIGINT, sometimes a second signal while the first is handled; a few trials
+send SIGKILL during a save instead and check that the restart resumes from
+the newest complete checkpoint. What was observed just before each signal (a save in flight, an
 evaluation in progress) is counted::
 
     python tests/stress/preempt.py --runs=100 --parallel=2 \
@@ -72,9 +73,11 @@ def _save_in_flight(workdir) -> bool:
 
 
 def _last_logged(workdir) -> dict:
+  """The last complete line of ``metrics.jsonl`` (the run may be writing
+  the next one)."""
   try:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      lines = f.read().splitlines()
+      lines = f.read().split("\n")[:-1]
   except FileNotFoundError:
     lines = []
   return json.loads(lines[-1]) if lines else {"step": 0, "split": ""}
@@ -85,6 +88,12 @@ def _eval_in_progress(workdir) -> bool:
   last = _last_logged(workdir)
   return (last["split"] == "train" and last["step"] % EVAL_EVERY == 0
           and last["step"] < STEPS)
+
+
+def _final_eval_in_progress(workdir) -> bool:
+  """The last step is logged (and maybe its validation), its test not yet."""
+  last = _last_logged(workdir)
+  return last["step"] == STEPS and last["split"] in ("train", "validation")
 
 
 def _wait_until(predicate, process, timeout=300.0) -> bool:
@@ -110,8 +119,8 @@ def _identical(a, b) -> bool:
 def trial(index: int, args, data_dir: str, reference) -> dict:
   """One signalled run and its restart; returns what happened."""
   rng = random.Random(args.seed * 100_003 + index)
-  aim = rng.choices(["random", "save", "evaluation", "sigkill_in_save"],
-                    weights=[40, 25, 25, 10])[0]
+  aim = rng.choices(["random", "save", "evaluation", "final_evaluation",
+                     "sigkill_in_save"], weights=[40, 25, 20, 5, 10])[0]
   signum = signal.SIGKILL if aim == "sigkill_in_save" else rng.choice(
       [signal.SIGTERM, signal.SIGTERM, signal.SIGINT])
   second = aim != "sigkill_in_save" and rng.random() < 0.3
@@ -129,7 +138,11 @@ def trial(index: int, args, data_dir: str, reference) -> dict:
   _wait_until(lambda: "Training" in read_log(), process)
   after_step = rng.randrange(STEPS - SAVE_EVERY)  # Aim at a later save/eval.
   if aim == "random":
-    time.sleep(rng.uniform(0, args.max_delay))
+    after_step = rng.randrange(STEPS)
+    _wait_until(lambda: _last_logged(workdir)["step"] >= after_step, process)
+    time.sleep(rng.uniform(0, 0.3))
+  elif aim == "final_evaluation":
+    _wait_until(lambda: _final_eval_in_progress(workdir), process)
   elif aim in ("save", "sigkill_in_save"):
     _wait_until(lambda: (_last_logged(workdir)["step"] >= after_step and
                          _save_in_flight(workdir)), process)
@@ -159,9 +172,14 @@ def trial(index: int, args, data_dir: str, reference) -> dict:
     if expected < max(complete_before, default=0):
       record["problems"].append(f"SIGKILL lost complete steps: before "
                                 f"{complete_before}, after {on_disk}")
-  elif process.returncode == 0:
-    expected = STEPS  # The signal came during the final evaluation.
+  elif process.returncode == 0 or (process.returncode < 0 and
+                                   "Done: " in output):
+    # The signal came during the final evaluation (the run finishes), or
+    # after the run had ended (it may then kill the exiting process).
+    expected = STEPS
     record["finished_anyway"] = True
+    if not os.path.exists(os.path.join(workdir, "results.json")):
+      record["problems"].append("the run ended without results.json")
   elif process.returncode == 128 + signum:
     reported = [int(a or b) for a, b in SAVED.findall(output)]
     expected = reported[-1] if reported else None
@@ -206,9 +224,13 @@ def summarize(records: list[dict]) -> dict:
       "second_signal": sum(r["second_signal"] for r in sent),
       "save_in_flight_at_signal": sum(r["save_in_flight"] for r in sent),
       "eval_in_progress_at_signal": sum(r["eval_in_progress"] for r in sent),
+      "stopped_at": dict(sorted(collections.Counter(
+          r.get("reported_step") for r in sent
+          if r.get("reported_step") is not None).items())),
       "finished_anyway": sum(bool(r.get("finished_anyway")) for r in sent),
       "resumed_from": dict(sorted(collections.Counter(
-          r["resumed_from"] for r in records).items())),
+          r["resumed_from"] for r in records
+          if r.get("resumed_from") is not None).items())),
       "lost_checkpoints": sum(any(p.startswith("LOST") for p in r["problems"])
                               for r in records),
       "trials_with_problems": sum(bool(r["problems"]) for r in records),
@@ -220,8 +242,6 @@ def main():
   parser.add_argument("--runs", type=int, default=100)
   parser.add_argument("--parallel", type=int, default=2)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--max_delay", type=float, default=12.0,
-                      help="Longest wait after 'Training' for random aims.")
   parser.add_argument("--workdir", default="/tmp/mmjax/stress")
   parser.add_argument("--keep", action="store_true",
                       help="Keep every trial's workdir, not only failed ones.")
@@ -240,7 +260,11 @@ def main():
   results_path = os.path.join(args.workdir, "trials.jsonl")
 
   def run_one(index):
-    record = trial(index, args, data_dir, reference)
+    try:
+      record = trial(index, args, data_dir, reference)
+    except Exception as e:  # pylint: disable=broad-except
+      record = dict(trial=index, aim="?", signal="?", second_signal=False,
+                    resumed_from=None, problems=[f"the script failed: {e!r}"])
     with lock:
       records.append(record)
       with open(results_path, "a") as f:
