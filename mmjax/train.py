@@ -128,7 +128,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       checkpointer.save(step, dp.host_copy(state), config.to_dict())
 
     meter = _Throughput(start_step, config.input.batch_size)
-    saved_step = start_step if restored is not None else None
     pending: list[dict[str, Any]] = []
     batches = pipeline.iterate_from(train_batches, start_step, config)
     step = start_step
@@ -147,7 +146,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         pending = []
       if save_now:
         save(step)
-        saved_step = step
       if (step % config.train.eval_every_steps == 0
           and step < config.train.steps):
         writer.write(step, "validation", evaluate(state, "validation"))
@@ -156,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if step < config.train.steps:  # Stopped by a signal.
       if pending:
         _log_train(writer, progress, meter, step, pending)
-      if step != saved_step:
+      if checkpointer.latest_step() != step:  # Not saved by the loop above.
         save(step)
       checkpointer.wait()  # Raises unless the step is on disk.
       on_disk = checkpointer.newest_step_on_disk()

@@ -61,6 +61,15 @@ def leaves(tree) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def checkpoint_steps(workdir) -> list[int]:
+  """The complete checkpoint steps in ``workdir/checkpoints``, sorted (Orbax
+  names a save in flight ``<step>.orbax-checkpoint-tmp-*``)."""
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

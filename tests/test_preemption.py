@@ -120,11 +120,6 @@ def _stop(config, workdir, capsys):
   return stopped.value.code, capsys.readouterr().out
 
 
-def _on_disk(workdir):
-  return sorted(int(d) for d in os.listdir(workdir / "checkpoints")
-                if d.isdigit())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("where, stopped_at, on_disk", [
     ("train_step", 7, [5, 7]),    # Between checkpoints, evaluations, logs.
@@ -147,7 +142,7 @@ def test_sigterm_leaves_the_step_it_reports_on_disk(
   assert code == 128 + signal.SIGTERM
   assert (f"Received SIGTERM: checkpoint {stopped_at} is on disk (step "
           f"{stopped_at} of {STEPS}); stopped.") in output
-  assert _on_disk(tmp_path) == on_disk
+  assert e2e.checkpoint_steps(tmp_path) == on_disk
   last = metrics_lib.read_metrics(str(tmp_path))[-1] if stopped_at else None
   assert stopped_at == 0 or last["step"] == stopped_at  # Logged up to there.
 
@@ -160,7 +155,7 @@ def test_sigint_and_a_second_signal_behave_like_one_sigterm(
   code, output = _stop(_config(data_dir), tmp_path / "run", capsys)
   assert code == 128 + signal.SIGINT
   assert "Received SIGINT: checkpoint 8 is on disk (step 8 of 12)" in output
-  assert _on_disk(tmp_path / "run") == [5, 8]
+  assert e2e.checkpoint_steps(tmp_path / "run") == [5, 8]
 
   monkeypatch.undo()
   results = train.train_and_evaluate(_config(data_dir), str(tmp_path / "run"))
@@ -179,5 +174,5 @@ def test_a_signal_during_the_final_evaluation_lets_the_run_finish(
     signal.signal(signal.SIGTERM, handler)
   assert results["steps"] == STEPS and "test" in results
   assert (tmp_path / "results.json").exists()
-  assert _on_disk(tmp_path)[-1] == STEPS
+  assert e2e.checkpoint_steps(tmp_path)[-1] == STEPS
   assert "Done: 12 steps" in capsys.readouterr().out

@@ -66,11 +66,10 @@ def test_runlocal_writes_the_workdir_contract(runlocal, data_dir):
   assert "Resuming from checkpoint at step 6" in again.stdout
 
 
-def _wait_for_checkpoint_then_kill(process, checkpoints, min_step):
+def _wait_for_checkpoint_then_kill(process, workdir, min_step):
   deadline = time.time() + 300
   while process.poll() is None and time.time() < deadline:
-    steps = [int(d) for d in os.listdir(checkpoints)
-             if d.isdigit()] if os.path.isdir(checkpoints) else []
+    steps = e2e.checkpoint_steps(workdir)
     if steps and max(steps) >= min_step:
       process.send_signal(signal.SIGKILL)
       process.wait()
@@ -95,7 +94,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_dir,
                              cwd=e2e.ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
   killed_after = _wait_for_checkpoint_then_kill(
-      process, resumed / "checkpoints", min_step=30)
+      process, resumed, min_step=30)
   assert process.returncode == -signal.SIGKILL
   assert not (resumed / "results.json").exists()
   result = e2e.run(e2e.command(resumed, data_dir, *overrides))
@@ -156,5 +155,6 @@ def test_nan_loss_stops_the_run_before_any_checkpoint(tmp_path, data_dir):
       cwd=e2e.ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode != 0
   assert "NonFiniteError: Non-finite loss=nan in the steps up to 2." in result.stderr
-  assert not [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+  assert (workdir / "checkpoints").is_dir()
+  assert not e2e.checkpoint_steps(workdir)
   assert not (workdir / "results.json").exists()

@@ -61,12 +61,6 @@ SAVED = re.compile(r"checkpoint (\d+) is on disk|"
 RESUMED = re.compile(r"Resuming from checkpoint at step (\d+)\.")
 
 
-def _steps_on_disk(workdir) -> list[int]:
-  path = os.path.join(workdir, "checkpoints")
-  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if (
-      os.path.isdir(path)) else []
-
-
 def _save_in_flight(workdir) -> bool:
   path = os.path.join(workdir, "checkpoints")
   return os.path.isdir(path) and any("tmp" in d for d in os.listdir(path))
@@ -151,7 +145,7 @@ def trial(index: int, args, data_dir: str, reference) -> dict:
                          _eval_in_progress(workdir)), process)
   record["save_in_flight"] = _save_in_flight(workdir)
   record["eval_in_progress"] = _eval_in_progress(workdir)
-  complete_before = _steps_on_disk(workdir)
+  complete_before = e2e.checkpoint_steps(workdir)
   if process.poll() is None:
     process.send_signal(signum)
     record["sent"] = True
@@ -164,7 +158,7 @@ def trial(index: int, args, data_dir: str, reference) -> dict:
   process.wait(timeout=600)
   output = read_log()
   record["exit_code"] = process.returncode
-  on_disk = _steps_on_disk(workdir)
+  on_disk = e2e.checkpoint_steps(workdir)
   record["on_disk_after_stop"] = on_disk
 
   if aim == "sigkill_in_save":
