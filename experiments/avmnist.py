@@ -85,7 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   blocks = TOKEN_BLOCKS if fusion == "mult" else LENET_BLOCKS
   config.model = dict(
       modalities=arg.modalities,
-      encoders={m: dict(name="lenet", channels=6, num_blocks=blocks[m])
+      encoders={m: dict(name="lenet", channels=6, num_blocks=blocks[m],
+                        conv_impl="fused")
                 for m in ("image", "audio")},
       fusion=FUSIONS[fusion],
       heads=dict(label=dict(name="classifier", target="label", hidden=(100,),

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from mmjax.encoders import fused_conv
 from mmjax.encoders.base import Encoding
 from mmjax.registry import ENCODERS
 
 DOWNSAMPLING = ("stride", "max_pool")
+CONV_IMPLS = ("fused", "lax")
 
 
 @ENCODERS.register("cnn")
@@ -111,15 +114,24 @@ class LeNetEncoder(nn.Module):
   the input size. There is no ``Dense`` layer: MultiBench fuses these raw
   features.
 
+  ``conv_impl="fused"`` (default) computes each block with
+  ``mmjax.encoders.fused_conv``: the same maths and variables as the layers
+  above (``conv_impl="lax"``, the reference), arranged for speed on CPU: the
+  AV-MNIST late-fusion train step runs 1.28x faster at batch 40 and 1.20x at
+  batch 256 (README, Performance). Values and gradients agree to float32 rounding
+  (``tests/test_fused_conv.py``).
+
   Attributes:
     channels: output channels of the first convolution.
     num_blocks: number of 3x3 blocks after it (MultiBench's "additional
       layers"); the output has ``channels * 2**num_blocks`` channels.
+    conv_impl: "fused" or "lax" (see above).
     axis_name: mapped axis over which BatchNorm averages batch statistics
       under ``pmap``/``shard_map``; ``None`` on a single device.
   """
   channels: int = 6
   num_blocks: int = 3
+  conv_impl: str = "fused"
   axis_name: str | None = None
 
   @nn.compact
@@ -147,6 +159,9 @@ class LeNetEncoder(nn.Module):
       raise ValueError(
           "LeNetEncoder needs images of shape [batch, height, width, "
           f"channels] or [batch, height, width]; got {x.shape}.")
+    if self.conv_impl not in CONV_IMPLS:
+      raise ValueError(f"LeNetEncoder conv_impl={self.conv_impl!r}; valid: "
+                       f"{', '.join(CONV_IMPLS)}.")
     num_pools = self.num_blocks + 1
     if min(x.shape[1:3]) < 2**num_pools:
       raise ValueError(
@@ -155,12 +170,61 @@ class LeNetEncoder(nn.Module):
           f"{2**num_pools}; got images of shape {x.shape}.")
     for i in range(num_pools):
       size = 5 if i == 0 else 3
-      x = nn.Conv(self.channels * 2**i, (size, size), use_bias=False)(x)
-      x = nn.BatchNorm(
-          use_running_average=not train, momentum=0.9,
-          axis_name=self.axis_name)(x)
-      x = max_pool_2x2(nn.relu(x))
+      features = self.channels * 2**i
+      if self.conv_impl == "lax":
+        x = nn.Conv(features, (size, size), use_bias=False)(x)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=0.9,
+            axis_name=self.axis_name)(x)
+        x = max_pool_2x2(nn.relu(x))
+      else:
+        x = self._fused_block(i, x, features, size, train)
     return Encoding(pooled=x.mean(axis=(1, 2)), tokens=x)
+
+  def _fused_block(self, i: int, x: jax.Array, features: int, size: int,
+                   train: bool) -> jax.Array:
+    """Block ``i`` by ``fused_conv``, with the variables that ``nn.Conv`` and
+    ``nn.BatchNorm`` would create (same names, initial values and updates)."""
+    kernel = _ConvKernel(features, size, name=f"Conv_{i}")(x.shape[-1])
+    scale, bias, ra_mean, ra_var = _BatchNormVariables(
+        features, name=f"BatchNorm_{i}")()
+    if not train:
+      y = fused_conv.conv_same(x, kernel)
+      return fused_conv.normalize_relu_pool(y, ra_mean.value, ra_var.value,
+                                            scale, bias)
+    axis_name = None if self.is_initializing() else self.axis_name
+    x, mean, var = fused_conv.conv_bn_relu_pool(x, kernel, scale, bias,
+                                                axis_name)
+    if not self.is_initializing():
+      ra_mean.value = 0.9 * ra_mean.value + 0.1 * mean
+      ra_var.value = 0.9 * ra_var.value + 0.1 * var
+    return x
+
+
+class _ConvKernel(nn.Module):
+  """The kernel ``[size, size, in, features]`` that ``nn.Conv`` creates."""
+  features: int
+  size: int
+
+  @nn.compact
+  def __call__(self, in_features: int) -> jax.Array:
+    return self.param("kernel", nn.initializers.lecun_normal(),
+                      (self.size, self.size, in_features, self.features))
+
+
+class _BatchNormVariables(nn.Module):
+  """The ``[features]`` parameters and running statistics of
+  ``nn.BatchNorm``: ``(scale, bias, mean, var)``, the last two as variables."""
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    shape = (self.features,)
+    scale = self.param("scale", nn.initializers.ones, shape)
+    bias = self.param("bias", nn.initializers.zeros, shape)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, shape)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, shape)
+    return scale, bias, ra_mean, ra_var
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

@@ -1,0 +1,153 @@
+"""The fused LeNet block against the layers it replaces.
+
+Reference: ``lax.conv_general_dilated`` (SAME, no bias), flax's
+``nn.BatchNorm`` in training mode, ReLU and ``image.max_pool_2x2``. Values,
+batch statistics and gradients (input, kernel, scale, bias) must agree, on
+one device and with the statistics averaged over 4 devices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from mmjax.encoders import fused_conv, image
+
+ATOL = 2e-5
+
+
+def _lax_conv(x, kernel):
+  return lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _reference_block(x, kernel, scale, bias, axis_name=None):
+  """The unfused layers, with flax's BatchNorm: ``(out, mean, var)``."""
+  y = _lax_conv(x, kernel)
+  bn = nn.BatchNorm(use_running_average=False, momentum=0.0,
+                    axis_name=axis_name)
+  features = kernel.shape[-1]
+  variables = {"params": {"scale": scale, "bias": bias},
+               "batch_stats": {"mean": jnp.zeros(features),
+                               "var": jnp.ones(features)}}
+  normed, updates = bn.apply(variables, y, mutable=["batch_stats"])
+  stats = updates["batch_stats"]  # momentum 0: the batch statistics.
+  return image.max_pool_2x2(nn.relu(normed)), stats["mean"], stats["var"]
+
+
+def _inputs(shape, in_channels, out_channels, size, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=shape + (in_channels,)).astype(np.float32)
+  kernel = rng.normal(size=(size, size, in_channels, out_channels)) * 0.3
+  # Negative scales pool the window's minimum.
+  scale = rng.normal(size=out_channels)
+  scale[0] = -abs(scale[0])
+  bias = rng.normal(size=out_channels) * 0.5
+  return tuple(jnp.asarray(a, jnp.float32) for a in (x, kernel, scale, bias))
+
+
+def _loss(block, x, kernel, scale, bias, axis_name=None):
+  """A loss that weighs each output, mean and variance differently."""
+  out, mean, var = block(x, kernel, scale, bias, axis_name)
+  weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+  return jnp.sum(out * weights) + jnp.sum(mean * 0.3) - jnp.sum(var * 0.2)
+
+
+def _assert_trees_close(actual, expected, atol=ATOL, rtol=1e-4):
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=atol,
+                                 rtol=rtol), actual, expected)
+
+
+@pytest.mark.parametrize("in_channels,size", [(1, 5), (1, 3), (3, 3)])
+def test_conv_same_matches_lax(in_channels, size):
+  x, kernel, _, _ = _inputs((2, 9, 10), in_channels, 4, size)
+  np.testing.assert_allclose(fused_conv.conv_same(x, kernel),
+                             _lax_conv(x, kernel), atol=1e-5, rtol=1e-5)
+
+
+# (spatial shape, in channels, out channels, kernel size): LeNet's first
+# layer on one channel, a wider layer, and odd sides whose last row and
+# column the pool drops.
+CASES = [((11, 12), 1, 6, 5), ((8, 8), 4, 6, 3), ((7, 9), 2, 3, 3)]
+
+
+@pytest.mark.parametrize("shape,in_channels,out_channels,size", CASES)
+def test_block_matches_unfused_layers(shape, in_channels, out_channels, size):
+  args = _inputs((4,) + shape, in_channels, out_channels, size)
+  _assert_trees_close(jax.jit(fused_conv.conv_bn_relu_pool)(*args),
+                      jax.jit(_reference_block)(*args))
+  grad = lambda block: jax.jit(jax.grad(functools.partial(_loss, block),
+                                        argnums=(0, 1, 2, 3)))(*args)
+  _assert_trees_close(grad(fused_conv.conv_bn_relu_pool),
+                      grad(_reference_block))
+
+
+def test_tied_maxima_share_the_gradient():
+  """Windows with several maxima (a constant input region) split the
+  gradient between them, as ``jnp.max``'s gradient does."""
+  x, kernel, scale, bias = _inputs((4, 8, 8), 1, 3, 3)
+  x = x.at[:, :4, :4].set(0.0)  # Equal convolution outputs inside.
+  scale = jnp.abs(scale) + 0.1
+  grad = lambda block: jax.grad(functools.partial(_loss, block),
+                                argnums=(0, 1, 2, 3))(x, kernel, scale, bias)
+  _assert_trees_close(grad(fused_conv.conv_bn_relu_pool),
+                      grad(_reference_block))
+
+
+def test_block_with_statistics_over_devices():
+  """Under ``pmap``, statistics and their gradients cover all devices."""
+  devices = jax.local_devices()[:4]
+  assert len(devices) == 4, "conftest.py simulates 4 CPU devices"
+  x, kernel, scale, bias = _inputs((8, 10, 10), 1, 4, 5)
+  x = x.reshape(4, 2, 10, 10, 1) * jnp.arange(1, 5).reshape(4, 1, 1, 1, 1)
+
+  def per_device(block):
+    def fn(x, kernel, scale, bias):
+      loss = functools.partial(_loss, block, axis_name="batch")
+      return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(
+          x, kernel, scale, bias)
+    return jax.pmap(fn, axis_name="batch", in_axes=(0, None, None, None),
+                    devices=devices)(x, kernel, scale, bias)
+
+  _assert_trees_close(per_device(fused_conv.conv_bn_relu_pool),
+                      per_device(_reference_block))
+
+
+@pytest.mark.parametrize("side,num_blocks", [(28, 3), (30, 2)])
+def test_lenet_fused_matches_lax(side, num_blocks):
+  """The encoder's two ``conv_impl``s: the same variables at
+  initialisation, and the same outputs, statistics and gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, side, side))
+  encoders = {impl: image.LeNetEncoder(channels=3, num_blocks=num_blocks,
+                                       conv_impl=impl)
+              for impl in image.CONV_IMPLS}
+  variables = {impl: enc.init(jax.random.PRNGKey(1), x, train=False)
+               for impl, enc in encoders.items()}
+  np.testing.assert_equal(jax.device_get(variables["fused"]),
+                          jax.device_get(variables["lax"]))
+
+  def train_pass(enc):
+    def loss(params):
+      encoding, updates = enc.apply(
+          {"params": params,
+           "batch_stats": variables["lax"]["batch_stats"]},
+          x, train=True, mutable=["batch_stats"])
+      return jnp.sum(jnp.sin(encoding.pooled)), updates
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["lax"]["params"])
+
+  _assert_trees_close(train_pass(encoders["fused"]),
+                      train_pass(encoders["lax"]))
+  evaluate = lambda enc: enc.apply(variables["lax"], x, train=False)
+  _assert_trees_close(evaluate(encoders["fused"]), evaluate(encoders["lax"]))
+
+
+def test_unknown_conv_impl_lists_the_valid_ones():
+  enc = image.LeNetEncoder(conv_impl="cudnn")
+  with pytest.raises(ValueError, match=r"conv_impl='cudnn'.*fused, lax"):
+    enc.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28)), train=False)
