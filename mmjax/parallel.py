@@ -154,7 +154,12 @@ class DataParallel:
   def train_step(self, step_fn: Callable[..., tuple[PyTree, PyTree]]
                  ) -> Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]:
     """``step_fn(state, batch, axis_name=...) -> (state, metrics)`` over all
-    devices; returned metrics are unreplicated scalars (still on device)."""
+    devices; returned metrics are unreplicated scalars (still on device).
+
+    With either backend the result has jax's ``.lower(state, batch)``: its
+    ``.compile()`` is the program that calls run (and caches it for them), for
+    one device, so its ``cost_analysis()`` counts one device's share.
+    """
     per_device = lambda state, batch: step_fn(state, batch, axis_name=AXIS)
     if self.backend == "shard_map":
       mapped = jax.shard_map(per_device, mesh=self.mesh,
@@ -168,6 +173,7 @@ class DataParallel:
       state, metrics = pmapped(state, batch)
       return state, self.unreplicate(metrics)
 
+    step.lower = pmapped.lower
     return step
 
   def eval_step(self, step_fn: Callable[..., PyTree]

@@ -12,16 +12,19 @@ What a run writes in ``workdir``: ``config.json``, ``metrics.jsonl``,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
+import grain
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 import tqdm
 
 from mmjax import checkpoint as checkpoint_lib
@@ -34,6 +37,7 @@ from mmjax import parallel
 from mmjax import preemption
 from mmjax import steps
 from mmjax.data import pipeline
+from mmjax.data.tokenizer import Vocabulary
 
 
 class NonFiniteError(FloatingPointError):
@@ -59,33 +63,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   _check_workdir_is_shared(workdir)
 
   dp = parallel.DataParallel(config.parallel.backend)
-  builder = _prepare_dataset(config)
+  builder = prepare_dataset(config)
   vocabularies = pipeline.load_or_build_vocabularies(config, workdir)
-  targets = losses.head_targets(config.model.heads)
-  model = models.build_model(
-      config.model,
-      vocab_sizes={k: v.size for k, v in vocabularies.items()},
-      num_classes={t: builder.info.features[t].num_classes
-                   for t, _ in targets.values() if t in builder.info.features},
-      axis_name=parallel.AXIS)
-  schedule = optim.make_schedule(config.optim, config.train.steps)
-  tx = optim.make_optimizer(config.optim, schedule)
-
-  train_batches = pipeline.train_batches(config, vocabularies)
-  example = train_batches[0]
-  _check_batch_has(example, list(config.model.modalities) +
-                   [t for t, _ in targets.values()], config)
-  host_state = steps.create_train_state(
-      model, tx, jax.tree.map(lambda x: x[:1], example),
-      jax.random.PRNGKey(config.seed))
+  trainer = build_trainer(config, dp, vocabularies, builder)
+  host_state = trainer.host_state
   num_params = models.count_params(host_state.params)
-
-  train_step = dp.train_step(functools.partial(
-      steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
-      targets=targets,
-      skip_nonfinite_updates=config.train.skip_nonfinite_updates))
   eval_step = dp.eval_step(functools.partial(
-      steps.eval_step, model=model, targets=targets,
+      steps.eval_step, model=trainer.model, targets=trainer.targets,
       mask_key=pipeline.MASK_KEY))
 
   def evaluate(state, split: str) -> dict[str, float]:
@@ -129,12 +113,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
     meter = _Throughput(start_step, config.input.batch_size)
     pending: list[dict[str, Any]] = []
-    batches = pipeline.iterate_from(train_batches, start_step, config)
+    batches = pipeline.iterate_from(trainer.train_batches, start_step, config)
     step = start_step
     while step < config.train.steps:
       if stop.should_stop(step):
         break
-      state, step_metrics = train_step(state, dp.shard_batch(next(batches)))
+      batch = dp.shard_batch(next(batches))
+      state, step_metrics = trainer.train_step(state, batch)
       pending.append(step_metrics)
       step += 1
       progress.update(1)
@@ -174,6 +159,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     _write_json(os.path.join(workdir, "results.json"), results)
   print(_summary(results), flush=True)
   return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """What training an experiment needs, built by ``build_trainer``.
+
+  Attributes:
+    model: the assembled model.
+    targets: head -> ``(label field, loss weight)``.
+    train_batches: local train batches, indexed by step (``[local_batch,
+      ...]`` numpy arrays per field).
+    host_state: the initial train state, one copy in host memory.
+    train_step: ``(state, batch) -> (state, metrics)`` over all devices of
+      ``dp``; ``train_step.lower(state, batch)`` compiles it ahead of time.
+  """
+  model: models.MultimodalModel
+  targets: dict[str, tuple[str, float]]
+  train_batches: grain.MapDataset
+  host_state: steps.TrainState
+  train_step: Callable[[Any, Any], tuple[Any, dict[str, Any]]]
+
+
+def build_trainer(config: ml_collections.ConfigDict,
+                  dp: parallel.DataParallel,
+                  vocabularies: dict[str, Vocabulary],
+                  builder: tfds.core.DatasetBuilder) -> Trainer:
+  """The model, optimizer, initial state and data-parallel train step of
+  ``config``, on the dataset of ``builder`` (see ``prepare_dataset``).
+
+  Draws only from ``config.seed``: the same config gives the same state.
+  """
+  targets = losses.head_targets(config.model.heads)
+  model = models.build_model(
+      config.model,
+      vocab_sizes={k: v.size for k, v in vocabularies.items()},
+      num_classes={t: builder.info.features[t].num_classes
+                   for t, _ in targets.values() if t in builder.info.features},
+      axis_name=parallel.AXIS)
+  schedule = optim.make_schedule(config.optim, config.train.steps)
+  tx = optim.make_optimizer(config.optim, schedule)
+
+  train_batches = pipeline.train_batches(config, vocabularies)
+  example = train_batches[0]
+  _check_batch_has(example, list(config.model.modalities) +
+                   [t for t, _ in targets.values()], config)
+  host_state = steps.create_train_state(
+      model, tx, jax.tree.map(lambda x: x[:1], example),
+      jax.random.PRNGKey(config.seed))
+
+  train_step = dp.train_step(functools.partial(
+      steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
+      targets=targets,
+      skip_nonfinite_updates=config.train.skip_nonfinite_updates))
+  return Trainer(model=model, targets=targets, train_batches=train_batches,
+                 host_state=host_state, train_step=train_step)
 
 
 class _Throughput:
@@ -223,7 +263,8 @@ def _log_train(writer: metrics_lib.MetricWriter, progress: tqdm.tqdm,
                        acc=f"{logged['accuracy']:.3f}")
 
 
-def _prepare_dataset(config: ml_collections.ConfigDict):
+def prepare_dataset(config: ml_collections.ConfigDict
+                    ) -> tfds.core.DatasetBuilder:
   """The dataset's builder; process 0 generates the dataset if needed while
   the others wait, so that no two processes write it."""
   if jax.process_index() == 0:

@@ -111,16 +111,20 @@ def load_or_build_vocabularies(config: ml_collections.ConfigDict,
     if os.path.exists(path):
       vocabularies[key] = Vocabulary.load(path)
       continue
-    source = data_source(config, config.dataset.train_split)
-    chunks = (grain.MapDataset.range(len(source)).batch(1024)
-              .map(lambda indices: read_batch(source, indices)[key])
-              .to_iter_dataset(grain.ReadOptions(
-                  num_threads=config.input.num_threads)))
-    vocabularies[key] = Vocabulary.from_texts(
-        text for chunk in chunks for text in chunk)
+    vocabularies[key] = build_vocabulary(config, key)
     if jax.process_index() == 0:
       vocabularies[key].save(path)
   return vocabularies
+
+
+def build_vocabulary(config: ml_collections.ConfigDict, key: str) -> Vocabulary:
+  """The word vocabulary of field ``key`` over the train split (not saved)."""
+  source = data_source(config, config.dataset.train_split)
+  chunks = (grain.MapDataset.range(len(source)).batch(1024)
+            .map(lambda indices: read_batch(source, indices)[key])
+            .to_iter_dataset(grain.ReadOptions(
+                num_threads=config.input.num_threads)))
+  return Vocabulary.from_texts(text for chunk in chunks for text in chunk)
 
 
 def local_batch_size(global_batch_size: int) -> int:
