@@ -87,3 +87,18 @@ def test_every_eval_example_is_counted_once_across_processes(config,
       seen.extend(_image_ids(batch)[batch[pipeline.MASK_KEY]])
   assert len(num_batches) == 1
   assert sorted(seen) == expected
+
+
+def test_a_split_cached_in_memory_gives_the_same_batches(config):
+  batches = {}
+  for cache in (False, True):
+    config.input.cache = cache
+    train = pipeline.train_batches(config, {})
+    batches[cache] = ([train[step] for step in (0, 1, 57)] +
+                      list(pipeline.eval_batches(config, "validation", {})))
+  assert isinstance(pipeline.data_source(config, "train"),
+                    pipeline.DecodedSplit)
+  for uncached, cached in zip(batches[False], batches[True]):
+    assert uncached.keys() == cached.keys()
+    for key in uncached:
+      np.testing.assert_array_equal(uncached[key], cached[key])

@@ -82,9 +82,52 @@ def _check_manual_dir(builder: tfds.core.DatasetBuilder,
 
 
 def data_source(config: ml_collections.ConfigDict, split: str):
-  """A random-access source of decoded examples (dicts of numpy arrays)."""
+  """A random-access source of ``split``'s examples, for ``read_batch``.
+
+  With ``config.input.cache``, the split is decoded once per process and kept
+  in memory (``DecodedSplit``); otherwise each read decodes its examples.
+  """
   builder = ensure_prepared(config)
-  return builder.as_data_source(split=split)
+  if not config.input.get("cache", False):
+    return builder.as_data_source(split=split)
+  key = (builder.data_dir, split)
+  if key not in _DECODED:
+    _DECODED[key] = DecodedSplit.decode(builder.as_data_source(split=split),
+                                        config.input.num_threads)
+  return _DECODED[key]
+
+
+class DecodedSplit:
+  """A whole split as ``{field: [examples, ...]}`` numpy arrays.
+
+  Decoding TFDS examples (protobuf parsing, one example at a time) is most of
+  the pipeline's time: on ``mm_shapes``, 21 ms of 25 ms per batch of 128 on
+  this 2-core CPU. A split decoded once (60,000 ``mm_shapes`` examples take
+  ~200 MB) is read by indexing instead.
+  """
+
+  CHUNK = 1024  # Examples decoded per read.
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self.arrays = arrays
+
+  @classmethod
+  def decode(cls, source, num_threads: int) -> "DecodedSplit":
+    chunks = list(grain.MapDataset.range(len(source)).batch(cls.CHUNK)
+                  .map(lambda indices: read_batch(source, indices))
+                  .to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
+    return cls({key: np.concatenate([chunk[key] for chunk in chunks])
+                for key in chunks[0]})
+
+  def __len__(self) -> int:
+    return len(next(iter(self.arrays.values())))
+
+  def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {key: values[indices] for key, values in self.arrays.items()}
+
+
+# Splits decoded by this process: (data_dir, split) -> DecodedSplit.
+_DECODED: dict[tuple[str, str], DecodedSplit] = {}
 
 
 def text_keys(config: ml_collections.ConfigDict) -> list[str]:
@@ -185,6 +228,8 @@ def read_batch(source, indices: np.ndarray) -> dict[str, np.ndarray]:
   One batched read (``__getitems__``) decodes ~1.6x faster than reading
   example by example, which is what bounds the pipeline on a small CPU.
   """
+  if isinstance(source, DecodedSplit):
+    return source.read(np.asarray(indices))
   examples = source.__getitems__([int(i) for i in indices])
   return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
 
