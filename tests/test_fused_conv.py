@@ -147,6 +147,21 @@ def test_lenet_fused_matches_lax(side, num_blocks):
   _assert_trees_close(evaluate(encoders["fused"]), evaluate(encoders["lax"]))
 
 
+def test_lenet_fused_promotes_inputs_as_nn_conv():
+  """Half-precision images with several channels are promoted to the
+  kernel's float32, as ``nn.Conv`` promotes them."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 12, 12, 3)).astype(
+      jnp.float16)
+  outputs = {}
+  for impl in image.CONV_IMPLS:
+    enc = image.LeNetEncoder(channels=2, num_blocks=1, conv_impl=impl)
+    variables = enc.init(jax.random.PRNGKey(1), x, train=False)
+    outputs[impl], _ = enc.apply(variables, x, train=True,
+                                 mutable=["batch_stats"])
+  assert outputs["fused"].pooled.dtype == jnp.float32
+  _assert_trees_close(outputs["fused"], outputs["lax"])
+
+
 def test_unknown_conv_impl_lists_the_valid_ones():
   enc = image.LeNetEncoder(conv_impl="cudnn")
   with pytest.raises(ValueError, match=r"conv_impl='cudnn'.*fused, lax"):

@@ -186,6 +186,7 @@ class LeNetEncoder(nn.Module):
     """Block ``i`` by ``fused_conv``, with the variables that ``nn.Conv`` and
     ``nn.BatchNorm`` would create (same names, initial values and updates)."""
     kernel = _ConvKernel(features, size, name=f"Conv_{i}")(x.shape[-1])
+    x, kernel = nn.dtypes.promote_dtype(x, kernel)  # As nn.Conv does.
     scale, bias, ra_mean, ra_var = _BatchNormVariables(
         features, name=f"BatchNorm_{i}")()
     if not train:
