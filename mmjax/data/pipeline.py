@@ -106,16 +106,12 @@ class DecodedSplit:
   ~200 MB) is read by indexing instead.
   """
 
-  CHUNK = 1024  # Examples decoded per read.
-
   def __init__(self, arrays: dict[str, np.ndarray]):
     self.arrays = arrays
 
   @classmethod
   def decode(cls, source, num_threads: int) -> "DecodedSplit":
-    chunks = list(grain.MapDataset.range(len(source)).batch(cls.CHUNK)
-                  .map(lambda indices: read_batch(source, indices))
-                  .to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
+    chunks = list(_read_all(source, num_threads))
     return cls({key: np.concatenate([chunk[key] for chunk in chunks])
                 for key in chunks[0]})
 
@@ -128,6 +124,14 @@ class DecodedSplit:
 
 # Splits decoded by this process: (data_dir, split) -> DecodedSplit.
 _DECODED: dict[tuple[str, str], DecodedSplit] = {}
+
+
+def _read_all(source, num_threads: int) -> Iterator[dict[str, np.ndarray]]:
+  """Every example of ``source``, in order, in batches of up to 1024 read by
+  ``num_threads`` threads."""
+  return iter(grain.MapDataset.range(len(source)).batch(1024)
+              .map(lambda indices: read_batch(source, indices))
+              .to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
 
 
 def text_keys(config: ml_collections.ConfigDict) -> list[str]:
@@ -163,11 +167,9 @@ def load_or_build_vocabularies(config: ml_collections.ConfigDict,
 def build_vocabulary(config: ml_collections.ConfigDict, key: str) -> Vocabulary:
   """The word vocabulary of field ``key`` over the train split (not saved)."""
   source = data_source(config, config.dataset.train_split)
-  chunks = (grain.MapDataset.range(len(source)).batch(1024)
-            .map(lambda indices: read_batch(source, indices)[key])
-            .to_iter_dataset(grain.ReadOptions(
-                num_threads=config.input.num_threads)))
-  return Vocabulary.from_texts(text for chunk in chunks for text in chunk)
+  return Vocabulary.from_texts(
+      text for chunk in _read_all(source, config.input.num_threads)
+      for text in chunk[key])
 
 
 def local_batch_size(global_batch_size: int) -> int:

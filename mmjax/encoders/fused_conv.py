@@ -85,16 +85,17 @@ def _conv_gradients(x: jax.Array, kernel: jax.Array, d_y: jax.Array):
   weight gradient on 112x112 spectrograms, at batch 40 and 256). Otherwise,
   and for ``d_x``, XLA's gradients of the convolution.
   """
-  _, conv_vjp = jax.vjp(_lax_conv, x, kernel)
-  d_x, d_kernel = conv_vjp(d_y)
-  if x.shape[-1] == 1:
-    kh, kw, _, out = kernel.shape
-    products = tuple(shifted * d_y for _, shifted in
-                     _shifted_inputs(x, kh, kw))
-    sums = lax.reduce(products, (jnp.zeros((), d_y.dtype),) * len(products),
-                      lambda a, b: tuple(u + v for u, v in zip(a, b)),
-                      (0, 1, 2))
-    d_kernel = jnp.stack(sums).reshape(kh, kw, 1, out)
+  if x.shape[-1] != 1:
+    _, conv_vjp = jax.vjp(_lax_conv, x, kernel)
+    return conv_vjp(d_y)
+  _, input_vjp = jax.vjp(lambda x: _lax_conv(x, kernel), x)
+  (d_x,) = input_vjp(d_y)
+  kh, kw, _, out = kernel.shape
+  products = tuple(shifted * d_y for _, shifted in _shifted_inputs(x, kh, kw))
+  sums = lax.reduce(products, (jnp.zeros((), d_y.dtype),) * len(products),
+                    lambda a, b: tuple(u + v for u, v in zip(a, b)),
+                    (0, 1, 2))
+  d_kernel = jnp.stack(sums).reshape(kh, kw, 1, out)
   return d_x, d_kernel
 
 
@@ -115,9 +116,9 @@ def _batch_stats(y: jax.Array, axis_name: str | None):
   return mean, mean2
 
 
-def _window_corners(y_BxHxWxC: jax.Array) -> list[jax.Array]:
-  """The four ``[b, h // 2, w // 2, c]`` corners of each 2x2 window."""
-  windows = _windows(y_BxHxWxC)
+def _corners(windows: jax.Array) -> list[jax.Array]:
+  """The four ``[b, h // 2, w // 2, c]`` corners of ``_windows``'s 2x2
+  windows."""
   return [windows[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
 
 
@@ -126,7 +127,7 @@ def _pooled_extreme(y: jax.Array, mul: jax.Array) -> jax.Array:
   the ``y`` at which ``(y - mean) * mul + bias`` is largest. (Elementwise
   maxima of the corners: XLA:CPU reduces windows several times slower.)"""
   sign = jnp.where(mul >= 0, 1.0, -1.0).astype(y.dtype)
-  corners = _window_corners(y * sign)
+  corners = _corners(_windows(y * sign))
   return sign * functools.reduce(jnp.maximum, corners)
 
 
@@ -193,9 +194,9 @@ def _backward_rule(axis_name, residuals, cotangents):
     d_mean, d_mean2 = lax.pmean(jnp.stack([d_mean, d_mean2]), axis_name)
   count = y.shape[0] * y.shape[1] * y.shape[2]
   # Each window's gradient goes to its extreme positions, split between ties.
-  ties = sum((corner == extreme).astype(y.dtype)
-             for corner in _window_corners(y))
   windows = _windows(y)
+  ties = sum((corner == extreme).astype(y.dtype)
+             for corner in _corners(windows))
   at_extreme = windows == extreme[:, :, None, :, None, :]
   d_windows = jnp.where(at_extreme, (d_extreme / ties)[:, :, None, :, None, :],
                         0.0)

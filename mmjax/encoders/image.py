@@ -15,6 +15,7 @@ from mmjax.registry import ENCODERS
 
 DOWNSAMPLING = ("stride", "max_pool")
 CONV_IMPLS = ("fused", "lax")
+BN_MOMENTUM = 0.9  # Of the running statistics (torch's momentum 0.1).
 
 
 @ENCODERS.register("cnn")
@@ -81,7 +82,7 @@ class ConvEncoder(nn.Module):
     for feat in self.features:
       x = nn.Conv(feat, (3, 3), strides=2 if strided else 1, use_bias=False)(x)
       x = nn.BatchNorm(
-          use_running_average=not train, momentum=0.9,
+          use_running_average=not train, momentum=BN_MOMENTUM,
           axis_name=self.axis_name)(x)
       x = nn.relu(x)
       if not strided:
@@ -174,7 +175,7 @@ class LeNetEncoder(nn.Module):
       if self.conv_impl == "lax":
         x = nn.Conv(features, (size, size), use_bias=False)(x)
         x = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9,
+            use_running_average=not train, momentum=BN_MOMENTUM,
             axis_name=self.axis_name)(x)
         x = max_pool_2x2(nn.relu(x))
       else:
@@ -197,8 +198,9 @@ class LeNetEncoder(nn.Module):
     x, mean, var = fused_conv.conv_bn_relu_pool(x, kernel, scale, bias,
                                                 axis_name)
     if not self.is_initializing():
-      ra_mean.value = 0.9 * ra_mean.value + 0.1 * mean
-      ra_var.value = 0.9 * ra_var.value + 0.1 * var
+      # As nn.BatchNorm updates them.
+      ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
+      ra_var.value = BN_MOMENTUM * ra_var.value + (1 - BN_MOMENTUM) * var
     return x
 
 
