@@ -91,7 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 for m in ("image", "audio")},
       fusion=FUSIONS[fusion],
       heads=dict(label=dict(name="classifier", target="label", hidden=(100,),
-                            dropout=0.0)))
+                            dropout=0.0)),
+      # Compute dtype: "bfloat16" on GPU/TPU; parameters stay float32.
+      dtype="float32")
 
   steps = arg.epochs * TRAIN_EXAMPLES // config.input.batch_size
   config.optim = dict(name="sgd", learning_rate=0.1, schedule="constant",

@@ -89,7 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           question=dict(name="lstm", embed_dim=64, hidden=128)),
       fusion=FUSIONS[fusion],
       heads=dict(answer=dict(name="classifier", target="answer",
-                             hidden=(256,), dropout=0.0)))
+                             hidden=(256,), dropout=0.0)),
+      # Compute dtype: "bfloat16" on GPU/TPU; parameters stay float32.
+      dtype="float32")
 
   config.optim = dict(name="adamw", learning_rate=2e-3, schedule="warmup_cosine",
                       warmup_steps=100, weight_decay=1e-4, b1=0.9, b2=0.999,

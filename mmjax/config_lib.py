@@ -128,6 +128,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if "target" not in head:
       raise ValueError(f"config.model.heads.{head_name} needs a 'target': the "
                        "batch key holding its labels.")
+  if model.get("dtype", "float32") not in models.DTYPES:
+    raise ValueError(
+        f"Unknown config.model.dtype {model.dtype!r}. Valid: "
+        f"{', '.join(models.DTYPES)} (float16 is not offered: it would need "
+        "loss scaling, which bfloat16's float32 range makes unnecessary).")
   from mmjax.data import preprocess  # pylint: disable=g-import-not-at-top
   for field in ("pp_train", "pp_eval"):
     preprocess.parse_pp(config.input[field])  # Raises on unknown op names.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mmjax.registry import HEADS
 
@@ -18,10 +21,13 @@ class ClassifierHead(nn.Module):
     hidden: widths of the hidden layers; ``()`` gives a linear classifier.
     dropout: dropout rate after each hidden layer (rng collection
       ``'dropout'``, only when training).
+    dtype: compute dtype, also of the logits (``MultimodalModel`` casts them
+      to float32 for the loss); parameters stay float32.
   """
   num_classes: int
   hidden: tuple[int, ...] = (256,)
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -30,6 +36,6 @@ class ClassifierHead(nn.Module):
       raise ValueError(
           f"ClassifierHead needs features of shape [batch, dim]; got {x.shape}.")
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
+      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)

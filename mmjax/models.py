@@ -15,6 +15,12 @@ gets every head applied to each modality's features, with separate parameters
 per modality (``heads_<head>_<modality>``), and the head's logits are the mean
 of the per-modality logits. Other fusions keep the parameter tree
 ``encoders_<modality>``, ``fusion``, ``heads_<head>``.
+
+Mixed precision: ``config.model.dtype`` (default "float32") is the compute
+dtype of every part with a ``dtype`` attribute, e.g. "bfloat16" on GPU/TPU.
+Parameters (hence gradients and optimizer state), BatchNorm statistics and
+the logits the model returns stay float32, so losses and metrics are
+computed in float32.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from mmjax.encoders.base import Encoding
 # Keys of a part's config that configure the assembly, not the module.
 PART_KEYS = ("name",)
 HEAD_KEYS = ("name", "target", "weight")  # A head's labels and loss weight.
+# config.model.dtype values. float16 would need loss scaling (its range
+# underflows small gradients); bfloat16 has float32's range and does not.
+DTYPES = ("float32", "bfloat16")
 
 
 class MultimodalModel(nn.Module):
@@ -61,12 +70,15 @@ class MultimodalModel(nn.Module):
       encodings[modality] = encoder(batch[modality],
                                     batch.get(f"{modality}_mask"), train=train)
     fused = self.fusion(encodings, train=train)
+    # Logits in float32 whatever the compute dtype: the loss is computed
+    # from them.
     if not isinstance(fused, Mapping):
-      return {name: head(fused, train=train)
+      return {name: head(fused, train=train).astype(jnp.float32)
               for name, head in self.heads.items()}
     # Decision-level fusion: one copy of each head per modality, logits averaged.
     return {name: jnp.mean(jnp.stack([
-        head.copy(name=f"heads_{name}_{modality}")(x, train=train)
+        head.copy(name=f"heads_{name}_{modality}")(x, train=train).astype(
+            jnp.float32)
         for modality, x in fused.items()]), axis=0)
             for name, head in self.heads.items()}
 
@@ -78,7 +90,8 @@ def build_model(model_config: ml_collections.ConfigDict, *,
   """Instantiates the configured parts.
 
   Args:
-    model_config: ``config.model``.
+    model_config: ``config.model``; its ``dtype`` (one of ``DTYPES``, default
+      "float32") is given to every part with a ``dtype`` attribute.
     vocab_sizes: text modality -> vocabulary size (from the data), given to
       encoders that have a ``vocab_size`` attribute left unset.
     num_classes: target field -> number of classes (from the dataset), given to
@@ -90,33 +103,39 @@ def build_model(model_config: ml_collections.ConfigDict, *,
   import mmjax.fusion  # pylint: disable=g-import-not-at-top,unused-import
   import mmjax.heads  # pylint: disable=g-import-not-at-top,unused-import
 
+  model_wide = {"axis_name": axis_name,
+                "dtype": jnp.dtype(model_config.get("dtype", "float32"))}
   encoders = {}
   for modality in model_config.modalities:
     part = model_config.encoders[modality]
     encoders[modality] = _instantiate(
-        registry.ENCODERS, part, PART_KEYS, axis_name,
+        registry.ENCODERS, part, PART_KEYS, model_wide,
         vocab_size=vocab_sizes.get(modality))
   heads = {}
   for head_name, part in model_config.heads.items():
-    heads[head_name] = _instantiate(registry.HEADS, part, HEAD_KEYS, axis_name,
+    heads[head_name] = _instantiate(registry.HEADS, part, HEAD_KEYS,
+                                    model_wide,
                                     num_classes=num_classes.get(part.target))
   fusion = _instantiate(registry.FUSIONS, model_config.fusion, PART_KEYS,
-                        axis_name)
+                        model_wide)
   return MultimodalModel(encoders=encoders, fusion=fusion, heads=heads)
 
 
 def _instantiate(reg: registry.Registry, part: ml_collections.ConfigDict,
-                 assembly_keys: tuple[str, ...], axis_name: str | None,
+                 assembly_keys: tuple[str, ...], model_wide: Mapping[str, Any],
                  **from_data: Any) -> nn.Module:
-  """``reg[part.name](**part)``, filling unset data-dependent fields."""
+  """``reg[part.name](**part)``, filling unset data-dependent fields and
+  setting the ``model_wide`` ones (``axis_name``, ``dtype``) wherever the part
+  has them."""
   cls = reg.get(part.name)
   fields = {f.name for f in dataclasses.fields(cls)}
   kwargs = {k: _freeze(v) for k, v in part.items() if k not in assembly_keys}
   for key, value in from_data.items():
     if key in fields and kwargs.get(key) is None and value is not None:
       kwargs[key] = value
-  if "axis_name" in fields:
-    kwargs["axis_name"] = axis_name
+  for key, value in model_wide.items():
+    if key in fields:
+      kwargs[key] = value
   return cls(**kwargs)
 
 

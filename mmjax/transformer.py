@@ -5,11 +5,15 @@ Pre-LayerNorm layers (Xiong et al. 2020, arXiv:2002.04745), as in ViT
 arXiv:2107.00135). Every attention takes a key mask ``[batch, keys]`` (True on
 real tokens), so padded tokens are never attended to; outputs at padded
 positions are computed but carry no information into real ones.
+
+In any compute dtype (``dtype``), LayerNorm reduces in float32 (flax's
+default) and the attention softmax runs in float32
+(``attention_float32_softmax``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -30,17 +34,45 @@ def masked_mean(x_BxNxD: jax.Array, mask_BxN: Optional[jax.Array]) -> jax.Array:
   return (x_BxNxD * weights).sum(1) / jnp.maximum(weights.sum(1), 1.)
 
 
+def attention_float32_softmax(query: jax.Array, key: jax.Array,
+                              value: jax.Array,
+                              mask: Optional[jax.Array] = None, *,
+                              dropout_rng: Optional[jax.Array] = None,
+                              dropout_rate: float = 0.0,
+                              broadcast_dropout: bool = True,
+                              deterministic: bool = True,
+                              dtype: Any = None) -> jax.Array:
+  """``nn.dot_product_attention`` with its softmax in float32.
+
+  ``query [batch, queries, heads, d]``, ``key`` and ``value [batch, keys,
+  heads, d]`` -> ``[batch, queries, heads, d]``. Both matmuls (logits, and
+  the weighted sum of values) run in ``dtype``; the softmax over the keys
+  runs in float32 and its weights are cast back to ``dtype``. (flax's own
+  ``force_fp32_for_softmax`` leaves the weights in float32, which turns the
+  second matmul into a float32 one.) In float32 this is
+  ``nn.dot_product_attention``.
+  """
+  weights = nn.dot_product_attention_weights(
+      query, key, mask=mask, broadcast_dropout=broadcast_dropout,
+      dropout_rng=dropout_rng, dropout_rate=dropout_rate,
+      deterministic=deterministic, dtype=dtype, force_fp32_for_softmax=True)
+  return jnp.einsum("...hqk,...khd->...qhd", weights.astype(value.dtype),
+                    value)
+
+
 class MlpBlock(nn.Module):
-  """``Dense(mlp_dim) -> GELU -> dropout -> Dense(dim)`` on ``[..., dim]``."""
+  """``Dense(mlp_dim) -> GELU -> dropout -> Dense(dim)`` on ``[..., dim]``;
+  ``dtype`` is the compute dtype, parameters stay float32."""
   mlp_dim: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     dim = x.shape[-1]
-    y = nn.gelu(nn.Dense(self.mlp_dim)(x))
+    y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype)(x))
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    return nn.Dense(dim)(y)
+    return nn.Dense(dim, dtype=self.dtype)(y)
 
 
 class TransformerLayer(nn.Module):
@@ -54,10 +86,12 @@ class TransformerLayer(nn.Module):
     num_heads: attention heads; must divide the width of ``x``.
     mlp_dim: hidden width of the MLP.
     dropout: dropout rate on the attention weights and residual branches.
+    dtype: compute dtype; parameters stay float32.
   """
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxNxD: jax.Array, mask_BxN: Optional[jax.Array] = None,
@@ -78,18 +112,20 @@ class TransformerLayer(nn.Module):
       raise ValueError(f"TransformerLayer width {dim} is not divisible by "
                        f"num_heads={self.num_heads}.")
     drop = nn.Dropout(self.dropout, deterministic=not train)
-    y = nn.LayerNorm(name="ln_attention")(x_BxNxD)
+    y = nn.LayerNorm(dtype=self.dtype, name="ln_attention")(x_BxNxD)
     if context_BxMxE is None:
       kv, mask = y, key_mask(mask_BxN)
     else:
-      kv, mask = nn.LayerNorm(name="ln_context")(context_BxMxE), key_mask(
-          context_mask_BxM)
+      kv, mask = nn.LayerNorm(dtype=self.dtype, name="ln_context")(
+          context_BxMxE), key_mask(context_mask_BxM)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.dropout,
-        deterministic=not train, name="attention")(y, kv, mask=mask)
+        deterministic=not train, dtype=self.dtype,
+        attention_fn=attention_float32_softmax, name="attention")(
+            y, kv, mask=mask)
     x_BxNxD = x_BxNxD + drop(y)
-    y = MlpBlock(self.mlp_dim, self.dropout, name="mlp")(
-        nn.LayerNorm(name="ln_mlp")(x_BxNxD), train=train)
+    y = MlpBlock(self.mlp_dim, self.dropout, dtype=self.dtype, name="mlp")(
+        nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x_BxNxD), train=train)
     return x_BxNxD + drop(y)
 
 
@@ -101,11 +137,13 @@ class Transformer(nn.Module):
     num_heads: attention heads per layer.
     mlp_dim: MLP hidden width.
     dropout: dropout rate.
+    dtype: compute dtype; parameters stay float32.
   """
   num_layers: int
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxNxD: jax.Array, mask_BxN: Optional[jax.Array] = None,
@@ -113,9 +151,9 @@ class Transformer(nn.Module):
     """``[batch, tokens, dim] -> [batch, tokens, dim]``."""
     for i in range(self.num_layers):
       x_BxNxD = TransformerLayer(self.num_heads, self.mlp_dim, self.dropout,
-                                 name=f"layer_{i}")(x_BxNxD, mask_BxN,
-                                                    train=train)
-    return nn.LayerNorm(name="ln_out")(x_BxNxD)
+                                 dtype=self.dtype, name=f"layer_{i}")(
+                                     x_BxNxD, mask_BxN, train=train)
+    return nn.LayerNorm(dtype=self.dtype, name="ln_out")(x_BxNxD)
 
 
 class PositionEmbedding(nn.Module):
@@ -123,8 +161,10 @@ class PositionEmbedding(nn.Module):
 
   Attributes:
     max_len: the most tokens it accepts.
+    dtype: compute dtype (of the sum); parameters stay float32.
   """
   max_len: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxNxD: jax.Array) -> jax.Array:
@@ -134,7 +174,9 @@ class PositionEmbedding(nn.Module):
                        f"{self.max_len}. Raise max_len in the config.")
     table = self.param("embedding", nn.initializers.normal(0.02),
                        (self.max_len, dim))
-    return x_BxNxD + table[None, :n]
+    x_BxNxD, table_1xNxD = nn.dtypes.promote_dtype(
+        x_BxNxD, table[None, :n], dtype=self.dtype)
+    return x_BxNxD + table_1xNxD
 
 
 def as_sequence(tokens: jax.Array) -> jax.Array:

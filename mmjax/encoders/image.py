@@ -5,6 +5,8 @@ ResNet and ViT live in ``mmjax.encoders.resnet`` and ``mmjax.encoders.vit``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,11 +46,13 @@ class ConvEncoder(nn.Module):
     downsample: "stride" or "max_pool" (see above).
     axis_name: mapped axis over which BatchNorm averages batch statistics
       under ``pmap``/``shard_map``; ``None`` on a single device.
+    dtype: compute dtype; parameters stay float32.
   """
   features: tuple[int, ...] = (32, 64)
   dim: int = 128
   downsample: str = "stride"
   axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
@@ -80,17 +84,18 @@ class ConvEncoder(nn.Module):
                        f"{', '.join(DOWNSAMPLING)}.")
     strided = self.downsample == "stride"
     for feat in self.features:
-      x = nn.Conv(feat, (3, 3), strides=2 if strided else 1, use_bias=False)(x)
+      x = nn.Conv(feat, (3, 3), strides=2 if strided else 1, use_bias=False,
+                  dtype=self.dtype)(x)
       x = nn.BatchNorm(
           use_running_average=not train, momentum=BN_MOMENTUM,
-          axis_name=self.axis_name)(x)
+          axis_name=self.axis_name, dtype=self.dtype)(x)
       x = nn.relu(x)
       if not strided:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x_BxF = x.reshape(x.shape[0], -1)
     if self.dim == 0:
       return Encoding(pooled=x.mean(axis=(1, 2)), tokens=x)
-    pooled = nn.relu(nn.Dense(self.dim)(x_BxF))
+    pooled = nn.relu(nn.Dense(self.dim, dtype=self.dtype)(x_BxF))
     return Encoding(pooled=pooled, tokens=x)
 
 
@@ -120,7 +125,9 @@ class LeNetEncoder(nn.Module):
   above (``conv_impl="lax"``, the reference), arranged for speed on CPU: the
   AV-MNIST late-fusion train step runs 1.28x faster at batch 40 and 1.20x at
   batch 256 (README, Performance). Values and gradients agree to float32 rounding
-  (``tests/test_fused_conv.py``).
+  (``tests/test_fused_conv.py``); in bfloat16 both paths convolve in ``dtype``
+  and normalise with float32 statistics, and are as close to float32 as each
+  other (``tests/test_mixed_precision.py``).
 
   Attributes:
     channels: output channels of the first convolution.
@@ -129,11 +136,13 @@ class LeNetEncoder(nn.Module):
     conv_impl: "fused" or "lax" (see above).
     axis_name: mapped axis over which BatchNorm averages batch statistics
       under ``pmap``/``shard_map``; ``None`` on a single device.
+    dtype: compute dtype; parameters stay float32.
   """
   channels: int = 6
   num_blocks: int = 3
   conv_impl: str = "fused"
   axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
@@ -173,10 +182,11 @@ class LeNetEncoder(nn.Module):
       size = 5 if i == 0 else 3
       features = self.channels * 2**i
       if self.conv_impl == "lax":
-        x = nn.Conv(features, (size, size), use_bias=False)(x)
+        x = nn.Conv(features, (size, size), use_bias=False,
+                    dtype=self.dtype)(x)
         x = nn.BatchNorm(
             use_running_average=not train, momentum=BN_MOMENTUM,
-            axis_name=self.axis_name)(x)
+            axis_name=self.axis_name, dtype=self.dtype)(x)
         x = max_pool_2x2(nn.relu(x))
       else:
         x = self._fused_block(i, x, features, size, train)
@@ -187,7 +197,9 @@ class LeNetEncoder(nn.Module):
     """Block ``i`` by ``fused_conv``, with the variables that ``nn.Conv`` and
     ``nn.BatchNorm`` would create (same names, initial values and updates)."""
     kernel = _ConvKernel(features, size, name=f"Conv_{i}")(x.shape[-1])
-    x, kernel = nn.dtypes.promote_dtype(x, kernel)  # As nn.Conv does.
+    # As nn.Conv(dtype=...) casts its input; fused_conv rounds the float32
+    # kernel to the same dtype.
+    x = jnp.asarray(x, self.dtype)
     scale, bias, ra_mean, ra_var = _BatchNormVariables(
         features, name=f"BatchNorm_{i}")()
     if not train:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
 from mmjax.registry import ENCODERS
@@ -21,25 +23,29 @@ class BasicBlock(nn.Module):
     features: output channels.
     strides: stride of the first convolution (and of the shortcut).
     axis_name: mapped axis for BatchNorm statistics; see ``ResNetEncoder``.
+    dtype: compute dtype; parameters stay float32.
   """
   features: int
   strides: int = 1
   axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
     """``[batch, h, w, c] -> [batch, h / strides, w / strides, features]``."""
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, axis_name=self.axis_name)
-    y = nn.Conv(self.features, (3, 3), strides=self.strides, use_bias=False,
-                name="conv1")(x_BxHxWxC)
+                             momentum=0.9, axis_name=self.axis_name,
+                             dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    y = conv(self.features, (3, 3), strides=self.strides, name="conv1")(
+        x_BxHxWxC)
     y = nn.relu(norm(name="bn1")(y))
-    y = nn.Conv(self.features, (3, 3), use_bias=False, name="conv2")(y)
+    y = conv(self.features, (3, 3), name="conv2")(y)
     y = norm(name="bn2")(y)
     shortcut = x_BxHxWxC
     if self.strides != 1 or x_BxHxWxC.shape[-1] != self.features:
-      shortcut = nn.Conv(self.features, (1, 1), strides=self.strides,
-                         use_bias=False, name="proj")(shortcut)
+      shortcut = conv(self.features, (1, 1), strides=self.strides,
+                      name="proj")(shortcut)
       shortcut = norm(name="proj_bn")(shortcut)
     return nn.relu(y + shortcut)
 
@@ -62,11 +68,13 @@ class ResNetEncoder(nn.Module):
       final map; 0 makes ``pooled`` that average itself, with no parameters.
     axis_name: mapped axis over which BatchNorm averages batch statistics
       under ``pmap``/``shard_map``; ``None`` on a single device.
+    dtype: compute dtype; parameters stay float32.
   """
   stage_sizes: tuple[int, ...] = (1, 1, 1)
   width: int = 16
   dim: int = 128
   axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
@@ -92,16 +100,17 @@ class ResNetEncoder(nn.Module):
     if not self.stage_sizes or min(self.stage_sizes) < 1:
       raise ValueError("ResNetEncoder needs at least one stage of at least "
                        f"one block; got stage_sizes={self.stage_sizes}.")
-    x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+    x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype,
+                name="stem")(x)
     x = nn.relu(nn.BatchNorm(
         use_running_average=not train, momentum=0.9, axis_name=self.axis_name,
-        name="stem_bn")(x))
+        dtype=self.dtype, name="stem_bn")(x))
     for s, num_blocks in enumerate(self.stage_sizes):
       for b in range(num_blocks):
         x = BasicBlock(self.width * 2**s, strides=2 if s > 0 and b == 0 else 1,
-                       axis_name=self.axis_name,
+                       axis_name=self.axis_name, dtype=self.dtype,
                        name=f"stage{s}_block{b}")(x, train=train)
     pooled = x.mean(axis=(1, 2))
     if self.dim:
-      pooled = nn.Dense(self.dim, name="pool_dense")(pooled)
+      pooled = nn.Dense(self.dim, dtype=self.dtype, name="pool_dense")(pooled)
     return Encoding(pooled=pooled, tokens=x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -36,12 +38,14 @@ class Conv1DEncoder(nn.Module):
     dim: width of ``pooled``.
     axis_name: mapped axis over which BatchNorm averages batch statistics
       under ``pmap``/``shard_map``; ``None`` on a single device.
+    dtype: compute dtype; parameters stay float32.
   """
   features: tuple[int, ...] = (32, 64)
   kernel_size: int = 5
   stride: int = 2
   dim: int = 128
   axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
@@ -74,15 +78,15 @@ class Conv1DEncoder(nn.Module):
       x = jnp.where(mask[..., None], x, 0.)
     for feat in self.features:
       x = nn.Conv(feat, (self.kernel_size,), strides=(self.stride,),
-                  use_bias=False)(x)
+                  use_bias=False, dtype=self.dtype)(x)
       x = nn.BatchNorm(
           use_running_average=not train, momentum=0.9,
-          axis_name=self.axis_name)(x)
+          axis_name=self.axis_name, dtype=self.dtype)(x)
       x = nn.relu(x)
       if mask is not None:
         mask = mask[:, ::self.stride]
         x = jnp.where(mask[..., None], x, 0.)
-    pooled = nn.Dense(self.dim)(masked_mean(x, mask))
+    pooled = nn.Dense(self.dim, dtype=self.dtype)(masked_mean(x, mask))
     return Encoding(pooled=pooled, tokens=x, mask=mask)
 
 
@@ -97,10 +101,12 @@ class MLPEncoder(nn.Module):
     hidden: widths of the hidden layers.
     dim: width of ``pooled``.
     dropout: dropout rate after each hidden layer.
+    dtype: compute dtype; parameters stay float32.
   """
   hidden: tuple[int, ...] = (128,)
   dim: int = 128
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
@@ -120,6 +126,6 @@ class MLPEncoder(nn.Module):
           f"MLPEncoder needs inputs of shape [batch, features]; got {x.shape}.")
     y = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      y = nn.relu(nn.Dense(width)(y))
+      y = nn.relu(nn.Dense(width, dtype=self.dtype)(y))
       y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    return Encoding(pooled=nn.Dense(self.dim)(y))
+    return Encoding(pooled=nn.Dense(self.dim, dtype=self.dtype)(y))

@@ -8,6 +8,8 @@ does not depend on the ids at padded positions.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,17 +46,24 @@ class RNNEncoder(nn.Module):
   *right* padding (all real tokens before all padding), which is what
   ``mask.sum(-1)`` as the sequence length assumes.
 
+  In a ``dtype`` other than float32 the cell's matmuls run in ``dtype`` but
+  its recurrent state stays float32 (flax's cells keep the carry in the
+  parameters' dtype), so rounding does not compound over the time steps;
+  ``pooled`` and ``tokens`` are cast to ``dtype``.
+
   Attributes:
     vocab_size: number of token ids.
     embed_dim: width of the token embedding.
     hidden: recurrent state width, and the width of ``pooled`` and ``tokens``.
+    dtype: compute dtype; parameters stay float32.
   """
   vocab_size: int
   embed_dim: int = 64
   hidden: int = 128
+  dtype: Any = jnp.float32
 
   def make_cell(self) -> nn.RNNCellBase:
-    """The recurrent cell, of width ``hidden``."""
+    """The recurrent cell, of width ``hidden``, computing in ``dtype``."""
     raise NotImplementedError(
         f"{type(self).__name__} must define make_cell().")
 
@@ -77,8 +86,9 @@ class RNNEncoder(nn.Module):
     if mask is None:
       mask = jnp.ones(x.shape, bool)
     lengths_B = mask.sum(-1)
-    x_BxTxE = nn.Embed(self.vocab_size, self.embed_dim)(x)
+    x_BxTxE = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)(x)
     y_BxTxH = nn.RNN(self.make_cell())(x_BxTxE, seq_lengths=lengths_B)
+    y_BxTxH = y_BxTxH.astype(self.dtype)  # From the float32 state.
     # The output at the last real token is the hidden state there, for either
     # cell. An empty sequence has none: its pooled vector is zeroed, so that
     # empty inputs carry no information.
@@ -97,7 +107,7 @@ class LSTMEncoder(RNNEncoder):
   """
 
   def make_cell(self) -> nn.RNNCellBase:
-    return nn.OptimizedLSTMCell(self.hidden)
+    return nn.OptimizedLSTMCell(self.hidden, dtype=self.dtype)
 
 
 @ENCODERS.register("gru")
@@ -109,7 +119,7 @@ class GRUEncoder(RNNEncoder):
   """
 
   def make_cell(self) -> nn.RNNCellBase:
-    return nn.GRUCell(self.hidden)
+    return nn.GRUCell(self.hidden, dtype=self.dtype)
 
 
 @ENCODERS.register("dan")
@@ -126,11 +136,13 @@ class DANEncoder(nn.Module):
     embed_dim: width of the token embedding.
     hidden: widths of the hidden layers between the average and ``pooled``.
     dim: width of ``pooled``.
+    dtype: compute dtype; parameters stay float32.
   """
   vocab_size: int
   embed_dim: int = 64
   hidden: tuple[int, ...] = (128,)
   dim: int = 128
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
@@ -147,12 +159,12 @@ class DANEncoder(nn.Module):
     """
     del train
     mask = _check_tokens("DANEncoder", x, mask)
-    x_BxTxE = nn.Embed(self.vocab_size, self.embed_dim)(x)
+    x_BxTxE = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)(x)
     if mask is not None:
       x_BxTxE = jnp.where(mask[..., None], x_BxTxE, 0.)
     y = masked_mean(x_BxTxE, mask)
     for width in (*self.hidden, self.dim):
-      y = nn.relu(nn.Dense(width)(y))
+      y = nn.relu(nn.Dense(width, dtype=self.dtype)(y))
     return Encoding(pooled=y, tokens=x_BxTxE, mask=mask)
 
 
@@ -173,6 +185,7 @@ class TextTransformerEncoder(nn.Module):
     mlp_dim: hidden width of each layer's MLP.
     dropout: dropout rate on the embeddings, attention and residual branches.
     max_len: the longest sequence accepted (rows of the position table).
+    dtype: compute dtype; parameters stay float32.
   """
   vocab_size: int
   dim: int = 64
@@ -181,6 +194,7 @@ class TextTransformerEncoder(nn.Module):
   mlp_dim: int = 128
   dropout: float = 0.0
   max_len: int = 64
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
@@ -197,10 +211,11 @@ class TextTransformerEncoder(nn.Module):
       and the input ``mask``.
     """
     mask = _check_tokens("TextTransformerEncoder", x, mask)
-    y_BxTxD = nn.Embed(self.vocab_size, self.dim)(x)
-    y_BxTxD = PositionEmbedding(self.max_len)(y_BxTxD)
+    y_BxTxD = nn.Embed(self.vocab_size, self.dim, dtype=self.dtype)(x)
+    y_BxTxD = PositionEmbedding(self.max_len, dtype=self.dtype)(y_BxTxD)
     y_BxTxD = nn.Dropout(self.dropout, deterministic=not train)(y_BxTxD)
     y_BxTxD = Transformer(self.num_layers, self.num_heads, self.mlp_dim,
-                          self.dropout)(y_BxTxD, mask, train=train)
+                          self.dropout, dtype=self.dtype)(y_BxTxD, mask,
+                                                          train=train)
     return Encoding(pooled=masked_mean(y_BxTxD, mask), tokens=y_BxTxD,
                     mask=mask)

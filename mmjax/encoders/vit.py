@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -35,6 +37,7 @@ class ViTEncoder(nn.Module):
     mlp_dim: hidden width of each layer's MLP.
     dropout: dropout rate on the embeddings, attention and residual branches.
     pool: "cls" or "mean" (see above).
+    dtype: compute dtype; parameters stay float32.
   """
   patch_size: int = 4
   dim: int = 64
@@ -43,6 +46,7 @@ class ViTEncoder(nn.Module):
   mlp_dim: int = 128
   dropout: float = 0.0
   pool: str = "cls"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
@@ -74,7 +78,7 @@ class ViTEncoder(nn.Module):
       raise ValueError(
           f"ViTEncoder pool={self.pool!r}; valid: {', '.join(POOLS)}.")
     x = nn.Conv(self.dim, (p, p), strides=p, padding="VALID",
-                name="patch_embedding")(x)
+                dtype=self.dtype, name="patch_embedding")(x)
     batch = x.shape[0]
     x_BxNxD = x.reshape(batch, -1, self.dim)
     num_patches = x_BxNxD.shape[1]
@@ -82,11 +86,13 @@ class ViTEncoder(nn.Module):
     if use_cls:
       cls = self.param("cls", nn.initializers.zeros, (1, 1, self.dim))
       x_BxNxD = jnp.concatenate(
-          [jnp.broadcast_to(cls, (batch, 1, self.dim)), x_BxNxD], axis=1)
-    x_BxNxD = PositionEmbedding(num_patches + use_cls)(x_BxNxD)
+          [jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.dim)),
+           x_BxNxD], axis=1)
+    x_BxNxD = PositionEmbedding(num_patches + use_cls, dtype=self.dtype)(
+        x_BxNxD)
     x_BxNxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxNxD)
     x_BxNxD = Transformer(self.num_layers, self.num_heads, self.mlp_dim,
-                          self.dropout)(x_BxNxD, train=train)
+                          self.dropout, dtype=self.dtype)(x_BxNxD, train=train)
     if use_cls:
       return Encoding(pooled=x_BxNxD[:, 0], tokens=x_BxNxD[:, 1:])
     return Encoding(pooled=x_BxNxD.mean(axis=1), tokens=x_BxNxD)

@@ -13,7 +13,7 @@ The cross-modal transformer of Tsai et al. 2019 (``mult``) is in
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -71,11 +71,13 @@ class TokenEmbedding(nn.Module):
     modality_embedding: add the learned modality embedding.
     cls: prepend a learned per-modality CLS token (initialised at zero, as in
       ViT and scenic's MBT).
+    dtype: compute dtype; parameters stay float32.
   """
   dim: int
   max_len: int
   modality_embedding: bool = True
   cls: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, sequences: dict[str, tuple[jax.Array, Optional[jax.Array]]]
@@ -85,13 +87,14 @@ class TokenEmbedding(nn.Module):
     where the input had none."""
     out = {}
     for name, (x_BxNxE, mask_BxN) in sequences.items():
-      x_BxNxD = nn.Dense(self.dim, use_bias=False, name=f"proj_{name}")(
-          x_BxNxE)
-      x_BxNxD = PositionEmbedding(self.max_len, name=f"pos_{name}")(x_BxNxD)
+      x_BxNxD = nn.Dense(self.dim, use_bias=False, dtype=self.dtype,
+                         name=f"proj_{name}")(x_BxNxE)
+      x_BxNxD = PositionEmbedding(self.max_len, dtype=self.dtype,
+                                  name=f"pos_{name}")(x_BxNxD)
       if self.modality_embedding:
         x_BxNxD = x_BxNxD + self.param(f"modality_{name}",
                                        nn.initializers.normal(0.02),
-                                       (self.dim,))
+                                       (self.dim,)).astype(self.dtype)
       if mask_BxN is None:
         mask_BxN = jnp.ones(x_BxNxD.shape[:2], bool)
       if self.cls:
@@ -111,6 +114,7 @@ class TokenFusion(nn.Module):
   mlp_dim: int = 128
   dropout: float = 0.0
   max_len: int = 256
+  dtype: Any = jnp.float32
 
   def embed(self, encodings: dict[str, Encoding], block: str, *,
             cls: bool) -> Sequences:
@@ -120,12 +124,12 @@ class TokenFusion(nn.Module):
                            num_layers=self.num_layers,
                            fusion_layer=self.fusion_layer)
     return TokenEmbedding(self.dim, self.max_len, modality_embedding=True,
-                          cls=cls, name="embed")(
+                          cls=cls, dtype=self.dtype, name="embed")(
                               token_sequences(encodings, block))
 
   def layer(self, name: str) -> TransformerLayer:
     return TransformerLayer(self.num_heads, self.mlp_dim, self.dropout,
-                            name=name)
+                            dtype=self.dtype, name=name)
 
   def towers(self, xs: Sequences, *, train: bool) -> Sequences:
     """Layers ``[0, fusion_layer)``, separate weights per modality."""
@@ -140,9 +144,10 @@ class TokenFusion(nn.Module):
   def late_output(self, cls: dict[str, jax.Array]) -> jax.Array:
     """``{m: CLS [batch, dim]}`` -> ``Dense(dim)`` of their concatenation,
     each after its modality's final LayerNorm: ``[batch, dim]``."""
-    normed = [nn.LayerNorm(name=f"ln_out_{name}")(c_BxD)
+    normed = [nn.LayerNorm(dtype=self.dtype, name=f"ln_out_{name}")(c_BxD)
               for name, c_BxD in cls.items()]
-    return nn.Dense(self.dim, name="out")(jnp.concatenate(normed, axis=-1))
+    return nn.Dense(self.dim, dtype=self.dtype, name="out")(
+        jnp.concatenate(normed, axis=-1))
 
 
 @FUSIONS.register("mm_transformer")
@@ -179,6 +184,7 @@ class MultimodalTransformerFusion(TokenFusion):
     mlp_dim: MLP hidden width.
     dropout: dropout rate in the layers.
     max_len: the most tokens one modality may have.
+    dtype: compute dtype; parameters stay float32.
   """
 
   @nn.compact
@@ -205,7 +211,7 @@ class MultimodalTransformerFusion(TokenFusion):
           [m[:, 1:] for _, m in xs.values()], axis=1)
     for i in range(self.fusion_layer, self.num_layers):
       x_BxNxD = self.layer(f"layer_{i}")(x_BxNxD, mask_BxN, train=train)
-    return nn.LayerNorm(name="ln_out")(x_BxNxD[:, 0])
+    return nn.LayerNorm(dtype=self.dtype, name="ln_out")(x_BxNxD[:, 0])
 
 
 @FUSIONS.register("mbt")
@@ -249,6 +255,7 @@ class BottleneckFusion(TokenFusion):
     mlp_dim: MLP hidden width.
     dropout: dropout rate in the layers.
     max_len: the most tokens one modality may have.
+    dtype: compute dtype; parameters stay float32.
   """
   n_bottlenecks: int = 4
 
@@ -274,7 +281,8 @@ class BottleneckFusion(TokenFusion):
       k = self.n_bottlenecks
       bottleneck_KxD = self.param("bottleneck", nn.initializers.normal(0.02),
                                   (k, self.dim))
-      z_BxKxD = jnp.broadcast_to(bottleneck_KxD, (b, k, self.dim))
+      z_BxKxD = jnp.broadcast_to(bottleneck_KxD.astype(self.dtype),
+                                 (b, k, self.dim))
       for i in range(self.fusion_layer, self.num_layers):
         updated, zs = {}, []
         for name, (x_BxNxD, mask_BxN) in xs.items():

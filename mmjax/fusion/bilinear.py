@@ -16,6 +16,8 @@ result does not depend on the dict order (``jax.jit`` sorts dict keys).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,9 +45,12 @@ def signed_sqrt(z: jax.Array) -> jax.Array:
 
 def l2_normalize(z_BxD: jax.Array) -> jax.Array:
   """Scales each row to unit L2 norm; an all-zero row stays zero (and has
-  finite gradients)."""
-  sq_Bx1 = jnp.sum(jnp.square(z_BxD), axis=-1, keepdims=True)
-  return z_BxD * jax.lax.rsqrt(jnp.maximum(sq_Bx1, L2_EPS))
+  finite gradients). The norm is summed in float32 (at least), as
+  ``nn.LayerNorm`` sums its statistics; the result has ``z``'s dtype."""
+  wide_BxD = z_BxD.astype(jnp.promote_types(z_BxD.dtype, jnp.float32))
+  sq_Bx1 = jnp.sum(jnp.square(wide_BxD), axis=-1, keepdims=True)
+  return z_BxD * jax.lax.rsqrt(jnp.maximum(sq_Bx1, L2_EPS)).astype(
+      z_BxD.dtype)
 
 
 @FUSIONS.register("mfb")
@@ -73,11 +78,13 @@ class MFBFusion(nn.Module):
     factor: the latent factor ``k``; each output sums ``k`` products.
     dropout: dropout rate on the elementwise product.
     normalize: power and L2 normalisation of the output.
+    dtype: compute dtype; parameters stay float32.
   """
   dim: int = 128
   factor: int = 5
   dropout: float = 0.1
   normalize: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -87,7 +94,8 @@ class MFBFusion(nn.Module):
     check_multimodal(encodings, "MFB")
     prod_BxK = None
     for name, enc in encodings.items():
-      p_BxK = nn.Dense(self.dim * self.factor, name=f"proj_{name}")(enc.pooled)
+      p_BxK = nn.Dense(self.dim * self.factor, dtype=self.dtype,
+                       name=f"proj_{name}")(enc.pooled)
       prod_BxK = p_BxK if prod_BxK is None else prod_BxK * p_BxK
     prod_BxK = nn.Dropout(self.dropout, deterministic=not train)(prod_BxK)
     z_BxD = prod_BxK.reshape(-1, self.dim, self.factor).sum(axis=-1)
@@ -120,11 +128,13 @@ class MutanFusion(nn.Module):
     hidden: width of each projected modality (the paper's ``t_q = t_v``).
     rank: rank ``R`` of the core tensor.
     dropout: dropout rate on the projected modalities.
+    dtype: compute dtype; parameters stay float32.
   """
   dim: int = 128
   hidden: int = 64
   rank: int = 5
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -134,11 +144,13 @@ class MutanFusion(nn.Module):
     check_multimodal(encodings, "MUTAN")
     prod_BxRxH = None
     for name, enc in encodings.items():
-      x_BxH = jnp.tanh(nn.Dense(self.hidden, name=f"proj_{name}")(enc.pooled))
+      x_BxH = jnp.tanh(nn.Dense(self.hidden, dtype=self.dtype,
+                                name=f"proj_{name}")(enc.pooled))
       x_BxH = nn.Dropout(self.dropout, deterministic=not train,
                          name=f"dropout_{name}")(x_BxH)
-      r_BxRxH = nn.Dense(self.rank * self.hidden, name=f"rank_{name}")(
-          x_BxH).reshape(-1, self.rank, self.hidden)
+      r_BxRxH = nn.Dense(self.rank * self.hidden, dtype=self.dtype,
+                         name=f"rank_{name}")(x_BxH).reshape(
+                             -1, self.rank, self.hidden)
       prod_BxRxH = r_BxRxH if prod_BxRxH is None else prod_BxRxH * r_BxRxH
     z_BxH = prod_BxRxH.sum(axis=1)
-    return nn.Dense(self.dim, name="out")(z_BxH)
+    return nn.Dense(self.dim, dtype=self.dtype, name="out")(z_BxH)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,9 +25,12 @@ class ConcatFusion(nn.Module):
   inside the traced function if the order matters.
 
   Attributes:
-    hidden: widths of the MLP's ReLU layers; ``()`` returns the concatenation.
+    hidden: widths of the MLP's ReLU layers; ``()`` returns the concatenation
+      (in the encoders' dtype).
+    dtype: compute dtype; parameters stay float32.
   """
   hidden: tuple[int, ...] = ()
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -42,5 +47,5 @@ class ConcatFusion(nn.Module):
     check_pooled(encodings, "Concat")
     x = jnp.concatenate([enc.pooled for enc in encodings.values()], axis=-1)
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
+      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
     return x

@@ -9,8 +9,11 @@ Advances and Trends", IEEE Signal Processing Magazine.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
 from mmjax.fusion.inputs import check_pooled
@@ -35,8 +38,10 @@ class DecisionFusion(nn.Module):
 
   Attributes:
     dim: width of each modality's features.
+    dtype: compute dtype; parameters stay float32.
   """
   dim: int = 128
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -47,5 +52,6 @@ class DecisionFusion(nn.Module):
     if not encodings:
       raise ValueError("Decision fusion needs at least one modality.")
     check_pooled(encodings, "Decision")
-    return {name: nn.relu(nn.Dense(self.dim, name=f"proj_{name}")(enc.pooled))
+    return {name: nn.relu(nn.Dense(self.dim, dtype=self.dtype,
+                                   name=f"proj_{name}")(enc.pooled))
             for name, enc in encodings.items()}

@@ -6,6 +6,8 @@ with a General Conditioning Layer", arXiv:1709.07871.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,10 +59,12 @@ class FiLMResBlock(nn.Module):
     channels: width of the block.
     use_coords: append coordinate channels to a spatial input (rank 4 only).
     axis_name: BatchNorm's cross-device axis (rank 4 only).
+    dtype: compute dtype; parameters stay float32.
   """
   channels: int
   use_coords: bool = True
   axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, cond_BxK: jax.Array, *,
@@ -69,18 +73,18 @@ class FiLMResBlock(nn.Module):
     if x.ndim == 4:
       if self.use_coords:
         x = add_coords(x)
-      r = nn.relu(nn.Conv(self.channels, (1, 1))(x))
+      r = nn.relu(nn.Conv(self.channels, (1, 1), dtype=self.dtype)(x))
       # No bias: the normalisation right after would cancel it.
-      y = nn.Conv(self.channels, (3, 3), use_bias=False)(r)
+      y = nn.Conv(self.channels, (3, 3), use_bias=False, dtype=self.dtype)(r)
       y = nn.BatchNorm(
           use_running_average=not train, momentum=0.9, use_scale=False,
-          use_bias=False, axis_name=self.axis_name)(y)
+          use_bias=False, axis_name=self.axis_name, dtype=self.dtype)(y)
     else:
-      r = nn.relu(nn.Dense(self.channels)(x))
-      y = nn.Dense(self.channels, use_bias=False)(r)
-      y = nn.LayerNorm(use_scale=False, use_bias=False)(y)
+      r = nn.relu(nn.Dense(self.channels, dtype=self.dtype)(x))
+      y = nn.Dense(self.channels, use_bias=False, dtype=self.dtype)(r)
+      y = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(y)
     gamma_BxC, beta_BxC = jnp.split(
-        nn.Dense(2 * self.channels)(cond_BxK), 2, axis=-1)
+        nn.Dense(2 * self.channels, dtype=self.dtype)(cond_BxK), 2, axis=-1)
     return r + nn.relu(film(y, gamma_BxC, beta_BxC))
 
 
@@ -106,6 +110,7 @@ class FiLMFusion(nn.Module):
     dim: width of the output.
     use_coords: append coordinate channels (spatial targets only).
     axis_name: BatchNorm's cross-device axis under ``pmap``/``shard_map``.
+    dtype: compute dtype; parameters stay float32.
   """
   target: str = "image"
   num_blocks: int = 2
@@ -113,6 +118,7 @@ class FiLMFusion(nn.Module):
   dim: int = 128
   use_coords: bool = True
   axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -136,25 +142,26 @@ class FiLMFusion(nn.Module):
     x = self._pointwise(x, "stem")
     for i in range(self.num_blocks):
       x = FiLMResBlock(
-          self.channels, self.use_coords, self.axis_name, name=f"block_{i}")(
-              x, cond_BxK, train=train)
+          self.channels, self.use_coords, self.axis_name, dtype=self.dtype,
+          name=f"block_{i}")(x, cond_BxK, train=train)
     x = nn.relu(self._pointwise(x, "out_proj"))
     if spatial:
       x_BxF = x.reshape(x.shape[0], -1)
     else:
       m_BxTx1 = mask[..., None].astype(x.dtype)
       x_BxF = (x * m_BxTx1).sum(1) / jnp.maximum(m_BxTx1.sum(1), 1.)
-    return nn.relu(nn.Dense(self.dim, name="out_dense")(x_BxF))
+    return nn.relu(nn.Dense(self.dim, dtype=self.dtype, name="out_dense")(
+        x_BxF))
 
   def _pointwise(self, x: jax.Array, name: str) -> jax.Array:
     """Per-position linear map to ``channels``: a 1x1 conv (after adding
     coordinates) for ``[batch, h, w, c]``, a ``Dense`` for ``[batch, time,
     c]``."""
     if x.ndim == 3:
-      return nn.Dense(self.channels, name=name)(x)
+      return nn.Dense(self.channels, dtype=self.dtype, name=name)(x)
     if self.use_coords:
       x = add_coords(x)
-    return nn.Conv(self.channels, (1, 1), name=name)(x)
+    return nn.Conv(self.channels, (1, 1), dtype=self.dtype, name=name)(x)
 
   def _target_tokens(self, encodings: dict[str, Encoding]):
     """Returns the validated target tokens and a ``[batch, time]`` mask (None

@@ -9,6 +9,9 @@ arXiv:1711.07971.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,10 +42,14 @@ class GatedFusion(nn.Module):
   ``sum_m (d_m + 1) * dim + (D + 1) * G * dim`` with ``G = 1`` for two
   modalities and ``G = M`` otherwise.
 
+  The softmax over modalities runs in float32 whatever ``dtype``.
+
   Attributes:
     dim: width of the output.
+    dtype: compute dtype; parameters stay float32.
   """
   dim: int = 128
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -51,19 +58,20 @@ class GatedFusion(nn.Module):
     ``[batch, dim]``."""
     del train
     check_multimodal(encodings, "Gated")
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
     h_BxMxD = jnp.stack([
-        jnp.tanh(nn.Dense(self.dim, name=f"proj_{name}")(enc.pooled))
+        jnp.tanh(dense(self.dim, name=f"proj_{name}")(enc.pooled))
         for name, enc in encodings.items()], axis=1)
     z_BxK = jnp.concatenate([enc.pooled for enc in encodings.values()],
                             axis=-1)
     num = len(encodings)
     if num == 2:
-      g_BxD = nn.sigmoid(nn.Dense(self.dim, name="gate")(z_BxK))
+      g_BxD = nn.sigmoid(dense(self.dim, name="gate")(z_BxK))
       return g_BxD * h_BxMxD[:, 0] + (1. - g_BxD) * h_BxMxD[:, 1]
-    logits_BxMxD = nn.Dense(num * self.dim, name="gate")(z_BxK).reshape(
+    logits_BxMxD = dense(num * self.dim, name="gate")(z_BxK).reshape(
         -1, num, self.dim)
-    g_BxMxD = jax.nn.softmax(logits_BxMxD, axis=1)
-    return (g_BxMxD * h_BxMxD).sum(axis=1)
+    g_BxMxD = jax.nn.softmax(logits_BxMxD.astype(jnp.float32), axis=1)
+    return (g_BxMxD.astype(self.dtype) * h_BxMxD).sum(axis=1)
 
 
 @FUSIONS.register("nonlocal_gated")
@@ -99,8 +107,10 @@ class NonLocalGatedFusion(nn.Module):
 
   Attributes:
     dim: width of the projected tokens, the gates and the output.
+    dtype: compute dtype; parameters stay float32.
   """
   dim: int = 128
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -117,9 +127,9 @@ class NonLocalGatedFusion(nn.Module):
     if len(set(batch.values())) > 1:
       raise ValueError(f"{block} modalities disagree on batch size between "
                        f"tokens and pooled: {batch}.")
-    ctx_MxBxD = jnp.stack([
-        nn.Dense(self.dim, name=f"context_{name}")(enc.pooled)
-        for name, enc in encodings.items()])
+    dense = functools.partial(nn.Dense, self.dim, dtype=self.dtype)
+    ctx_MxBxD = jnp.stack([dense(name=f"context_{name}")(enc.pooled)
+                           for name, enc in encodings.items()])
     num = len(encodings)
     # lecun_normal with the fan-in of the concatenation, num * dim.
     out_init = nn.initializers.variance_scaling(1. / num, "fan_in",
@@ -127,14 +137,13 @@ class NonLocalGatedFusion(nn.Module):
     out_BxD = 0.
     for i, (name, enc) in enumerate(encodings.items()):
       x_BxNxC, mask_BxN = sequences.get(name, (enc.pooled[:, None], None))
-      h_BxNxD = nn.Dense(self.dim, name=f"proj_{name}")(x_BxNxC)
+      h_BxNxD = dense(name=f"proj_{name}")(x_BxNxC)
       c_BxD = (ctx_MxBxD.sum(0) - ctx_MxBxD[i]) / (num - 1)
       g_BxNxD = nn.sigmoid(
-          nn.Dense(self.dim, name=f"gate_{name}")(h_BxNxD)
-          + nn.Dense(self.dim, use_bias=False,
-                     name=f"gate_context_{name}")(c_BxD)[:, None])
+          dense(name=f"gate_{name}")(h_BxNxD)
+          + dense(use_bias=False, name=f"gate_context_{name}")(c_BxD)[:, None])
       s_BxD = masked_mean(g_BxNxD * h_BxNxD, mask_BxN)
-      out_BxD = out_BxD + nn.Dense(self.dim, use_bias=False,
-                                   kernel_init=out_init,
-                                   name=f"out_{name}")(s_BxD)
-    return out_BxD + self.param("out_bias", nn.initializers.zeros, (self.dim,))
+      out_BxD = out_BxD + dense(use_bias=False, kernel_init=out_init,
+                                name=f"out_{name}")(s_BxD)
+    out_bias_D = self.param("out_bias", nn.initializers.zeros, (self.dim,))
+    return out_BxD + out_bias_D.astype(self.dtype)

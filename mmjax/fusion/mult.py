@@ -6,6 +6,8 @@ Transformer for Unaligned Multimodal Language Sequences", arXiv:1906.00295.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,7 @@ class MulTFusion(nn.Module):
     mlp_dim: MLP hidden width in every layer.
     dropout: dropout rate in the layers.
     max_len: the most tokens one modality may have.
+    dtype: compute dtype; parameters stay float32.
   """
   dim: int = 64
   num_layers: int = 2
@@ -64,6 +67,7 @@ class MulTFusion(nn.Module):
   mlp_dim: int = 128
   dropout: float = 0.0
   max_len: int = 256
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -78,7 +82,8 @@ class MulTFusion(nn.Module):
       raise ValueError(f"mult fusion needs self_layers >= 0; got "
                        f"{self.self_layers}.")
     xs = TokenEmbedding(self.dim, self.max_len, modality_embedding=False,
-                        name="embed")(token_sequences(encodings, "mult"))
+                        dtype=self.dtype, name="embed")(
+                            token_sequences(encodings, "mult"))
     pooled = []
     for t, (x_BxNxD, mask_BxN) in xs.items():
       streams = []
@@ -88,15 +93,18 @@ class MulTFusion(nn.Module):
         y_BxNxD = x_BxNxD
         for i in range(self.num_layers):
           y_BxNxD = TransformerLayer(
-              self.num_heads, self.mlp_dim, self.dropout,
+              self.num_heads, self.mlp_dim, self.dropout, dtype=self.dtype,
               name=f"{t}_from_{s}_layer_{i}")(
                   y_BxNxD, mask_BxN, context_BxMxE=c_BxMxD,
                   context_mask_BxM=mask_BxM, train=train)
-        streams.append(nn.LayerNorm(name=f"{t}_from_{s}_ln")(y_BxNxD))
+        streams.append(nn.LayerNorm(dtype=self.dtype,
+                                    name=f"{t}_from_{s}_ln")(y_BxNxD))
       y_BxNxF = jnp.concatenate(streams, axis=-1)
       if self.self_layers:
         y_BxNxF = Transformer(self.self_layers, self.num_heads, self.mlp_dim,
-                              self.dropout, name=f"{t}_self")(
+                              self.dropout, dtype=self.dtype,
+                              name=f"{t}_self")(
                                   y_BxNxF, mask_BxN, train=train)
       pooled.append(masked_mean(y_BxNxF, mask_BxN))
-    return nn.Dense(self.dim, name="out")(jnp.concatenate(pooled, axis=-1))
+    return nn.Dense(self.dim, dtype=self.dtype, name="out")(
+        jnp.concatenate(pooled, axis=-1))

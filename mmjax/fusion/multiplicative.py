@@ -6,6 +6,8 @@ Jayakumar, Czarnecki, Menick, Schwarz, Rae, Osindero, Teh, Harley & Pascanu,
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -46,9 +48,11 @@ class MultiplicativeFusion(nn.Module):
   Attributes:
     form: one of ``"matrix"``, ``"vector"``, ``"scalar"``.
     dim: width of the output.
+    dtype: compute dtype; parameters stay float32.
   """
   form: str = "matrix"
   dim: int = 128
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -64,20 +68,24 @@ class MultiplicativeFusion(nn.Module):
     encs = list(encodings.values())
     x_BxX = encs[0].pooled
     z_BxZ = jnp.concatenate([enc.pooled for enc in encs[1:]], axis=-1)
-    vx_BxD = nn.Dense(self.dim, use_bias=False, name="V")(x_BxX)
-    uz_BxD = nn.Dense(self.dim, use_bias=False, name="U")(z_BxZ)
+    vx_BxD = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="V")(
+        x_BxX)
+    uz_BxD = nn.Dense(self.dim, use_bias=False, dtype=self.dtype, name="U")(
+        z_BxZ)
     b_D = self.param("b", nn.initializers.zeros, (self.dim,))
     if self.form == "matrix":
       init = nn.initializers.variance_scaling(
           1., "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
       w_ZxXxD = self.param(
           "W", init, (z_BxZ.shape[-1], x_BxX.shape[-1], self.dim))
+      z_BxZ, x_BxX, w_ZxXxD = nn.dtypes.promote_dtype(
+          z_BxZ, x_BxX, w_ZxXxD, dtype=self.dtype)
       wz_BxXxD = jnp.einsum("bz,zxd->bxd", z_BxZ, w_ZxXxD)
       mixed_BxD = jnp.einsum("bxd,bx->bd", wz_BxXxD, x_BxX) + vx_BxD
     elif self.form == "vector":
-      gate_BxD = nn.Dense(self.dim, name="W_v")(z_BxZ)
+      gate_BxD = nn.Dense(self.dim, dtype=self.dtype, name="W_v")(z_BxZ)
       mixed_BxD = gate_BxD * vx_BxD
     else:
-      gate_Bx1 = nn.Dense(1, name="w_s")(z_BxZ)
+      gate_Bx1 = nn.Dense(1, dtype=self.dtype, name="w_s")(z_BxZ)
       mixed_BxD = gate_Bx1 * vx_BxD
-    return mixed_BxD + uz_BxD + b_D
+    return mixed_BxD + uz_BxD + b_D.astype(self.dtype)

@@ -9,6 +9,8 @@ Low-rank Multimodal Fusion with Modality-Specific Factors", arXiv:1806.00064.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,9 +63,11 @@ class TensorFusion(nn.Module):
   Attributes:
     dim: width of the output.
     project: if > 0, width each modality is projected to before the product.
+    dtype: compute dtype (of the product too); parameters stay float32.
   """
   dim: int = 128
   project: int = 0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -74,12 +78,13 @@ class TensorFusion(nn.Module):
     check_multimodal(encodings, "Tensor")
     zs = []
     for name, enc in encodings.items():
-      z_BxD = enc.pooled
+      z_BxD = jnp.asarray(enc.pooled, self.dtype)
       if self.project > 0:
-        z_BxD = nn.Dense(self.project, name=f"project_{name}")(z_BxD)
+        z_BxD = nn.Dense(self.project, dtype=self.dtype,
+                         name=f"project_{name}")(z_BxD)
       zs.append(append_one(z_BxD))
     z_BxK = outer_product(zs)
-    return nn.relu(nn.Dense(self.dim, name="out")(z_BxK))
+    return nn.relu(nn.Dense(self.dim, dtype=self.dtype, name="out")(z_BxK))
 
 
 @FUSIONS.register("low_rank")
@@ -109,9 +114,11 @@ class LowRankFusion(nn.Module):
   Attributes:
     rank: number of rank-one terms.
     dim: width of the output.
+    dtype: compute dtype; parameters stay float32.
   """
   rank: int = 4
   dim: int = 128
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
@@ -127,7 +134,9 @@ class LowRankFusion(nn.Module):
       z_BxI = append_one(enc.pooled)
       w_RxIxD = self.param(f"factor_{name}", init,
                            (self.rank, z_BxI.shape[-1], self.dim))
+      z_BxI, w_RxIxD = nn.dtypes.promote_dtype(z_BxI, w_RxIxD,
+                                               dtype=self.dtype)
       f_BxRxD = jnp.einsum("bi,rid->brd", z_BxI, w_RxIxD)
       prod_BxRxD = f_BxRxD if prod_BxRxD is None else prod_BxRxD * f_BxRxD
     bias_D = self.param("bias", nn.initializers.zeros, (self.dim,))
-    return prod_BxRxD.sum(axis=1) + bias_D
+    return prod_BxRxD.sum(axis=1) + bias_D.astype(self.dtype)
