@@ -102,7 +102,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       decay_factor=0.1)
   config.train = dict(steps=steps, log_every_steps=200,
                       eval_every_steps=TRAIN_EXAMPLES // 40 * 5,
-                      skip_nonfinite_updates=False)
+                      skip_nonfinite_updates=False,
+                      # K > 1: seeds seed..seed+K-1 as one program,
+                      # vmapped on GPU/TPU, unrolled on CPU ("auto").
+                      num_seeds=1, seeds_share_data=False,
+                      seeds_program="auto")
   config.eval = dict(batch_size=500)
   config.checkpoint = dict(every_steps=TRAIN_EXAMPLES // 40, max_to_keep=2,
                            async_save=True)

@@ -98,7 +98,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       momentum=0.9, grad_clip_norm=1.0, decay_steps=(),
                       decay_factor=0.1)
   config.train = dict(steps=1000, log_every_steps=50, eval_every_steps=500,
-                      skip_nonfinite_updates=False)
+                      skip_nonfinite_updates=False,
+                      # K > 1: seeds seed..seed+K-1 as one program,
+                      # vmapped on GPU/TPU, unrolled on CPU ("auto").
+                      num_seeds=1, seeds_share_data=False,
+                      seeds_program="auto")
   config.eval = dict(batch_size=500)
   config.checkpoint = dict(every_steps=500, max_to_keep=2, async_save=True)
   config.parallel = dict(backend="pmap")

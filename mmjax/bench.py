@@ -12,19 +12,23 @@ over ``R`` runs of ``N`` steps. The input pipeline is timed alone, on ``P``
 batches. Progress goes to stderr; stdout gets one JSON line::
 
     {"experiment", "backend", "devices", "device_kind", "batch_size",
-     "examples_per_sec", "ms_per_step", "compile_seconds", "flops_per_step",
-     "achieved_gflops", "matmul_gflops", "fraction_of_matmul",
-     "pipeline_examples_per_sec", "peak_memory_bytes"}
+     "num_seeds", "examples_per_sec", "examples_per_sec_per_seed",
+     "ms_per_step", "compile_seconds", "flops_per_step", "achieved_gflops",
+     "matmul_gflops", "fraction_of_matmul", "pipeline_examples_per_sec",
+     "peak_memory_bytes"}
 
-with null where a value is unknown. ``compile_seconds`` covers tracing,
+with null where a value is unknown. With ``--config.train.num_seeds=K`` a
+step trains K seeds on a batch each: ``examples_per_sec`` counts every
+seed's examples, ``examples_per_sec_per_seed`` one seed's (what each of K
+separate runs would see). ``compile_seconds`` covers tracing,
 lowering and compiling the step. ``flops_per_step`` is XLA's estimate
 (``cost_analysis()`` of the compiled step) for the program of one device,
 times the number of devices. ``matmul_gflops`` is the rate of a jitted float32
 matmul on one device (``MATMUL_SIZE``), and ``fraction_of_matmul`` compares
 the step's rate per device with it (understated on devices simulated on one
 CPU, which share its cores). ``pipeline_examples_per_sec`` counts this
-process's part of the batches. ``peak_memory_bytes`` is null on CPU, whose
-devices keep no statistics.
+process's part of the batches, and every seed's examples they feed.
+``peak_memory_bytes`` is null on CPU, whose devices keep no statistics.
 
 The reference experiments (AV-MNIST late fusion at batch 40 and 256, tensor,
 low-rank and FiLM fusion, the first building the dataset once, ~2 min; the
@@ -109,9 +113,11 @@ def benchmark(config: ml_collections.ConfigDict, experiment: str, *,
   matmul = matmul_gflops(MATMUL_SIZE.get(jax.default_backend(),
                                          MATMUL_SIZE_ACCELERATOR))
   _progress(f"Timing the input pipeline on {pipeline_batches} batches...")
+  num_seeds = len(trainer.seeds.values)
   pipeline_rate = pipeline_examples_per_sec(
       pipeline.iterate_from(trainer.train_batches, 0, config),
-      pipeline.local_batch_size(batch_size), num_batches=pipeline_batches)
+      pipeline.local_batch_size(batch_size) * num_seeds,
+      num_batches=pipeline_batches)
 
   flops = (None if step.device_flops is None
            else step.device_flops * dp.num_devices)
@@ -122,7 +128,9 @@ def benchmark(config: ml_collections.ConfigDict, experiment: str, *,
       "devices": dp.num_devices,
       "device_kind": dp.devices[0].device_kind,
       "batch_size": batch_size,
-      "examples_per_sec": batch_size / step.seconds,
+      "num_seeds": num_seeds,
+      "examples_per_sec": num_seeds * batch_size / step.seconds,
+      "examples_per_sec_per_seed": batch_size / step.seconds,
       "ms_per_step": step.seconds * 1e3,
       "compile_seconds": step.compile_seconds,
       "flops_per_step": flops,

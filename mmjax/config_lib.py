@@ -23,6 +23,9 @@ from mmjax import models
 from mmjax import registry
 
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+# How a run of several seeds maps its step over them (see steps.over_seeds):
+# "auto" is "vmap" on GPU/TPU and "unroll" on CPU.
+SEEDS_PROGRAMS = ("auto", "vmap", "unroll")
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
@@ -65,10 +68,17 @@ def _parse_value(key: str, value: str, default: Any) -> Any:
 # Settings that may differ between a run and the run that resumes it: they
 # change how long it trains, logs or saves, not what it trains.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every_steps",
-                     "train.eval_every_steps", "checkpoint.", "eval.batch_size",
+                     "train.eval_every_steps", "train.seeds_program",
+                     "checkpoint.", "eval.batch_size",
                      "input.num_threads", "input.prefetch_batches",
                      "parallel.backend", "dataset.data_dir",
                      "dataset.manual_dir", "allow_config_change", "init_from")
+
+
+# Settings added after runs were saved without them, with the value that
+# keeps those runs' behaviour: a saved config that lacks one has that value.
+ADDED_SETTINGS = {"train.num_seeds": 1, "train.seeds_share_data": False,
+                  "train.seeds_program": "auto", "model.dtype": "float32"}
 
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -76,6 +86,8 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
   resolved configs (as ``config.json`` holds them), except
   ``RESUMABLE_CHANGES``."""
   old_flat, new_flat = _flatten(_as_json(saved)), _flatten(_as_json(new))
+  old_flat, new_flat = ({**ADDED_SETTINGS, **old_flat},
+                        {**ADDED_SETTINGS, **new_flat})
   changes = []
   for key in sorted(set(old_flat) | set(new_flat)):
     if key.startswith(RESUMABLE_CHANGES):
@@ -147,6 +159,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.train.steps <= 0:
     raise ValueError(f"config.train.steps must be positive; got "
                      f"{config.train.steps}.")
+  if config.train.get("num_seeds", 1) < 1:
+    raise ValueError(f"config.train.num_seeds must be at least 1; got "
+                     f"{config.train.num_seeds}.")
+  if config.train.get("seeds_program", "auto") not in SEEDS_PROGRAMS:
+    raise ValueError(f"Unknown config.train.seeds_program "
+                     f"{config.train.seeds_program!r}. Valid: "
+                     f"{', '.join(SEEDS_PROGRAMS)}.")
 
 
 def _check_part(reg: registry.Registry, part: ml_collections.ConfigDict,

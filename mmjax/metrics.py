@@ -31,10 +31,20 @@ def sums_to_means(sums: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(v) / max(count, 1.0) for k, v in sums.items() if k != "count"}
 
 
-def add_sums(total: dict[str, float] | None,
-             sums: Mapping[str, Any]) -> dict[str, float]:
-  sums = to_floats(sums)
+def add_sums(total: dict[str, np.ndarray] | None,
+             sums: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Accumulates eval sums (scalars, or ``[seeds]`` arrays) in float64."""
+  sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
   return sums if total is None else {k: total[k] + sums[k] for k in total}
+
+
+def seed_slice(metrics: Mapping[str, Any], seed_index: int | None
+               ) -> dict[str, Any]:
+  """Seed ``seed_index``'s values of metrics with a leading ``[seeds]`` axis;
+  ``metrics`` itself when ``seed_index`` is None (a run of one seed)."""
+  if seed_index is None:
+    return dict(metrics)
+  return {k: np.asarray(v)[seed_index] for k, v in metrics.items()}
 
 
 def first_nonfinite(metrics: Mapping[str, float]) -> str | None:
@@ -56,6 +66,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
+      os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 

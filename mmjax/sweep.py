@@ -14,7 +14,9 @@ Each variant runs as ``python -m mmjax.main --config=CONFIG:arg
 sweep resumes where it stopped: finished variants (with ``results.json``) are
 skipped and an interrupted one resumes from its checkpoint. Variants that
 share a ``group`` (e.g. the seeds of one method) are reported as mean and
-standard deviation::
+standard deviation. A variant with the override ``train.num_seeds=K`` trains
+its K seeds as one vectorised program (``mmjax.train``) and counts as K runs
+of its group::
 
     python -m mmjax.sweep --sweep=experiments/ablations/mm_shapes_fusion.py \
         --workdir=/tmp/mmjax/ablations/mm_shapes_fusion
@@ -65,6 +67,11 @@ class Variant:
   @property
   def group_name(self) -> str:
     return self.group or self.name
+
+  @property
+  def num_seeds(self) -> int:
+    """The seeds the variant trains (``train.num_seeds``, default 1)."""
+    return int(dict(self.overrides).get("train.num_seeds", 1))
 
 
 def load_sweep(path: str) -> tuple[str, list[Variant]]:
@@ -138,11 +145,15 @@ def run_sweep(config_path: str, variants: Sequence[Variant], workdir: str,
 
 def grouped_results(variants: Sequence[Variant], workdir: str
                     ) -> dict[str, list[dict[str, Any] | None]]:
-  """``{group: [results.json contents or None per run]}``, in sweep order."""
+  """``{group: [results or None per seed run]}``, in sweep order: a variant
+  of K seeds gives its K seeds' results (``per_seed`` of its
+  ``results.json``), or K ``None`` until it has finished."""
   groups: dict[str, list[dict[str, Any] | None]] = {}
   for variant in variants:
-    groups.setdefault(variant.group_name, []).append(
-        read_results(workdir, variant))
+    results = read_results(workdir, variant)
+    runs = ([None] * variant.num_seeds if results is None
+            else results.get("per_seed", [results]))
+    groups.setdefault(variant.group_name, []).extend(runs)
   return groups
 
 

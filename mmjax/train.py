@@ -7,6 +7,14 @@ checkpoints. Running the same command again on the same workdir resumes.
 
 What a run writes in ``workdir``: ``config.json``, ``metrics.jsonl``,
 ``results.json`` (at the end), ``checkpoints/``, ``tb/`` and ``vocab/``.
+
+With ``config.train.num_seeds = K > 1`` the run trains K independently
+initialised copies of the model (seeds ``config.seed + k``) as one program
+(``steps.over_seeds``, vmapped or unrolled: ``config.train.seeds_program``):
+seed ``s`` writes ``seed<s>/metrics.jsonl``, ``seed<s>/tb/`` and
+``seed<s>/results.json`` as a run with ``config.seed = s`` would, and
+``results.json`` holds their mean, standard deviation and each seed's
+results. The checkpoints hold all seeds' states, stacked.
 """
 
 from __future__ import annotations
@@ -66,18 +74,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   builder = prepare_dataset(config)
   vocabularies = pipeline.load_or_build_vocabularies(config, workdir)
   trainer = build_trainer(config, dp, vocabularies, builder)
-  host_state = trainer.host_state
-  num_params = models.count_params(host_state.params)
-  eval_step = dp.eval_step(functools.partial(
-      steps.eval_step, model=trainer.model, targets=trainer.targets,
-      mask_key=pipeline.MASK_KEY))
+  host_state, seeds = trainer.host_state, trainer.seeds
+  num_params = models.count_params(host_state.params) // len(seeds.values)
 
-  def evaluate(state, split: str) -> dict[str, float]:
+  def evaluate(state, split: str) -> list[dict[str, float]]:
+    """Each seed's mean metrics on ``split``."""
     total = None
     for batch in pipeline.eval_batches(config, split, vocabularies):
-      sums = eval_step(state, dp.shard_batch(batch))
+      sums = trainer.eval_step(state, dp.shard_batch(batch))
       total = metrics_lib.add_sums(total, sums)
-    return metrics_lib.sums_to_means(total)
+    return [metrics_lib.sums_to_means(metrics_lib.seed_slice(total, i))
+            for i in seeds.indices]
 
   # Every exit path (the end, a stop signal, NonFiniteError, any exception)
   # leaves through here: the signal handlers stay installed until the last
@@ -88,22 +95,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         os.path.join(workdir, "checkpoints"),
         max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save))
-    writer = stack.enter_context(
-        metrics_lib.MetricWriter(workdir, enabled=is_chief))
+    writers = [stack.enter_context(metrics_lib.MetricWriter(d, enabled=is_chief))
+               for d in seeds.workdirs(workdir)]
     restored = checkpointer.restore_latest(host_state)
     if restored is not None:
       host_state, start_step = restored
-      writer.truncate_after(start_step)
+      for writer in writers:
+        writer.truncate_after(start_step)
       print(f"Resuming from checkpoint at step {start_step}.", flush=True)
     else:
       start_step = 0
       if config.get("init_from"):
-        host_state = _warm_start(host_state, config.init_from)
+        host_state = _warm_start(host_state, config.init_from, seeds)
     state = dp.replicate(host_state)
     del host_state
-    print(f"Training {num_params:,} parameters on {dp.num_devices} device(s) "
-          f"({dp.backend}), global batch {config.input.batch_size}, steps "
-          f"{start_step} -> {config.train.steps}.", flush=True)
+    copies = (f" x {len(seeds.values)} seeds ({seeds.describe()})"
+              if seeds.stacked else "")
+    print(f"Training {num_params:,} parameters{copies} on {dp.num_devices} "
+          f"device(s) ({dp.backend}), global batch {config.input.batch_size}, "
+          f"steps {start_step} -> {config.train.steps}.", flush=True)
     progress = stack.enter_context(tqdm.tqdm(
         total=config.train.steps, initial=start_step, disable=not is_chief,
         dynamic_ncols=True, desc="train"))
@@ -127,18 +137,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       save_now = (step % config.checkpoint.every_steps == 0
                   or step == config.train.steps)
       if step % config.train.log_every_steps == 0 or save_now:
-        _log_train(writer, progress, meter, step, pending)
+        _log_train(writers, seeds, progress, meter, step, pending)
         pending = []
       if save_now:
         save(step)
       if (step % config.train.eval_every_steps == 0
           and step < config.train.steps):
-        writer.write(step, "validation", evaluate(state, "validation"))
+        for writer, means in zip(writers, evaluate(state, "validation")):
+          writer.write(step, "validation", means)
         meter.restart()  # Evaluation time is not training time.
 
     if step < config.train.steps:  # Stopped by a signal.
       if pending:
-        _log_train(writer, progress, meter, step, pending)
+        _log_train(writers, seeds, progress, meter, step, pending)
       if checkpointer.latest_step() != step:  # Not saved by the loop above.
         save(step)
       checkpointer.wait()  # Raises unless the step is on disk.
@@ -149,15 +160,92 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       raise SystemExit(stop.exit_code)
     progress.close()
 
-    results = {split: evaluate(state, split)
-               for split in config.dataset.eval_splits}
-    for split, split_metrics in results.items():
-      writer.write(step, split, split_metrics)
-    results.update(steps=step, num_params=num_params, **meter.summary())
+    finals = {split: evaluate(state, split)
+              for split in config.dataset.eval_splits}
+    per_seed = []
+    for i, writer in enumerate(writers):
+      seed_results = {split: means[i] for split, means in finals.items()}
+      for split, means in seed_results.items():
+        writer.write(step, split, means)
+      seed_results.update(steps=step, num_params=num_params, **meter.summary())
+      per_seed.append(seed_results)
   # The final checkpoint is on disk (the checkpointer closed).
+  results = per_seed[0] if not seeds.stacked else combine_seeds(
+      per_seed, seeds, config.dataset.eval_splits)
   if is_chief:
+    if seeds.stacked:
+      for seed_workdir, seed_results in zip(seeds.workdirs(workdir),
+                                            results["per_seed"]):
+        _write_json(os.path.join(seed_workdir, "results.json"), seed_results)
     _write_json(os.path.join(workdir, "results.json"), results)
   print(_summary(results), flush=True)
+  return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Seeds:
+  """The seeds a run trains: ``config.train.num_seeds`` of them, from
+  ``config.seed`` up.
+
+  Attributes:
+    values: the seeds; seed ``values[k]`` trains as a run with ``config.seed
+      = values[k]`` would.
+    share_data: every seed reads the batches of ``values[0]``
+      (``config.train.seeds_share_data``) instead of its own data order.
+  """
+  values: tuple[int, ...]
+  share_data: bool = False
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> "Seeds":
+    return cls(values=tuple(config.seed + k
+                            for k in range(config.train.num_seeds)),
+               share_data=config.train.seeds_share_data)
+
+  @property
+  def stacked(self) -> bool:
+    """Whether train states carry a leading ``[seeds]`` axis (K > 1)."""
+    return len(self.values) > 1
+
+  @property
+  def indices(self) -> list[int | None]:
+    """Each seed's index on the seed axis; ``[None]`` for one seed."""
+    return list(range(len(self.values))) if self.stacked else [None]
+
+  def workdirs(self, workdir: str) -> list[str]:
+    """Where each seed's metrics and results go."""
+    if not self.stacked:
+      return [workdir]
+    return [os.path.join(workdir, f"seed{seed}") for seed in self.values]
+
+  def describe(self) -> str:
+    order = "one data order" if self.share_data else "a data order each"
+    return f"seeds {self.values[0]}-{self.values[-1]}, {order}"
+
+
+def combine_seeds(per_seed: list[dict[str, Any]], seeds: Seeds,
+                  splits: tuple[str, ...]) -> dict[str, Any]:
+  """``results.json`` of a run of several seeds: each split's mean metrics
+  (``"test": {...}``, so that readers of one-seed results get the mean), their
+  standard deviation over seeds (``"std": {"test": {...}}``), every seed's
+  results (``"per_seed"``, each with its ``"seed"``), and the run's time and
+  throughput: ``examples_per_sec`` counts every seed's examples,
+  ``examples_per_sec_per_seed`` one seed's."""
+  per_seed = [dict(r, seed=seed) for r, seed in zip(per_seed, seeds.values)]
+  first = per_seed[0]
+  results: dict[str, Any] = {"std": {}}
+  for split in splits:
+    values = {k: np.array([r[split][k] for r in per_seed])
+              for k in first[split]}
+    results[split] = {k: float(v.mean()) for k, v in values.items()}
+    results["std"][split] = {k: float(v.std(ddof=1)) for k, v in values.items()}
+  results.update(
+      num_seeds=len(seeds.values), seeds=list(seeds.values),
+      seeds_share_data=seeds.share_data, per_seed=per_seed,
+      steps=first["steps"], num_params=first["num_params"],
+      train_seconds=first["train_seconds"],
+      examples_per_sec=first["examples_per_sec"] * len(seeds.values),
+      examples_per_sec_per_seed=first["examples_per_sec"])
   return results
 
 
@@ -168,27 +256,34 @@ class Trainer:
   Attributes:
     model: the assembled model.
     targets: head -> ``(label field, loss weight)``.
+    seeds: the seeds trained; with several, every leaf of the state, metrics
+      and eval sums has a leading ``[seeds]`` axis.
     train_batches: local train batches, indexed by step (``[local_batch,
-      ...]`` numpy arrays per field).
+      ...]`` numpy arrays per field; ``[local_batch, seeds, ...]`` when the
+      seeds read their own data orders).
     host_state: the initial train state, one copy in host memory.
     train_step: ``(state, batch) -> (state, metrics)`` over all devices of
       ``dp``; ``train_step.lower(state, batch)`` compiles it ahead of time.
+    eval_step: ``(state, batch) -> sums`` of eval metrics over all devices.
   """
   model: models.MultimodalModel
   targets: dict[str, tuple[str, float]]
+  seeds: Seeds
   train_batches: grain.MapDataset
   host_state: steps.TrainState
   train_step: Callable[[Any, Any], tuple[Any, dict[str, Any]]]
+  eval_step: Callable[[Any, Any], dict[str, Any]]
 
 
 def build_trainer(config: ml_collections.ConfigDict,
                   dp: parallel.DataParallel,
                   vocabularies: dict[str, Vocabulary],
                   builder: tfds.core.DatasetBuilder) -> Trainer:
-  """The model, optimizer, initial state and data-parallel train step of
+  """The model, optimizer, initial state and data-parallel steps of
   ``config``, on the dataset of ``builder`` (see ``prepare_dataset``).
 
-  Draws only from ``config.seed``: the same config gives the same state.
+  Draws only from ``config.seed`` (and the following seeds, with
+  ``config.train.num_seeds``): the same config gives the same state.
   """
   targets = losses.head_targets(config.model.heads)
   model = models.build_model(
@@ -200,20 +295,49 @@ def build_trainer(config: ml_collections.ConfigDict,
   schedule = optim.make_schedule(config.optim, config.train.steps)
   tx = optim.make_optimizer(config.optim, schedule)
 
-  train_batches = pipeline.train_batches(config, vocabularies)
+  seeds = Seeds.of(config)
+  own_data = seeds.stacked and not seeds.share_data
+  if own_data:
+    train_batches = pipeline.train_batches_over_seeds(config, vocabularies,
+                                                      list(seeds.values))
+  else:
+    train_batches = pipeline.train_batches(config, vocabularies, seeds.values[0])
   example = train_batches[0]
   _check_batch_has(example, list(config.model.modalities) +
                    [t for t, _ in targets.values()], config)
-  host_state = steps.create_train_state(
-      model, tx, jax.tree.map(lambda x: x[:1], example),
-      jax.random.PRNGKey(config.seed))
+  one_example = jax.tree.map(lambda x: x[:1, 0] if own_data else x[:1], example)
+  rngs = [jax.random.PRNGKey(seed) for seed in seeds.values]
+  if seeds.stacked:
+    host_state = steps.create_seed_states(model, tx, one_example, rngs)
+  else:
+    host_state = steps.create_train_state(model, tx, one_example, rngs[0])
 
-  train_step = dp.train_step(functools.partial(
+  train_step = functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
       targets=targets,
-      skip_nonfinite_updates=config.train.skip_nonfinite_updates))
-  return Trainer(model=model, targets=targets, train_batches=train_batches,
-                 host_state=host_state, train_step=train_step)
+      skip_nonfinite_updates=config.train.skip_nonfinite_updates)
+  eval_step = functools.partial(steps.eval_step, model=model, targets=targets,
+                                mask_key=pipeline.MASK_KEY)
+  if seeds.stacked:
+    vectorize = _seeds_program(config) == "vmap"
+    train_step = steps.over_seeds(train_step, vectorize=vectorize,
+                                  batch_axis=1 if own_data else None)
+    eval_step = steps.over_seeds(eval_step, batch_axis=None,
+                                 vectorize=vectorize)
+  return Trainer(model=model, targets=targets, seeds=seeds,
+                 train_batches=train_batches, host_state=host_state,
+                 train_step=dp.train_step(train_step),
+                 eval_step=dp.eval_step(eval_step))
+
+
+def _seeds_program(config: ml_collections.ConfigDict) -> str:
+  """``config.train.seeds_program``, with "auto" resolved: "vmap" on GPU/TPU;
+  on CPU "unroll", since XLA:CPU runs a vmapped convolution as a grouped one,
+  3-10x slower per example (``mmjax.bench``, README)."""
+  program = config.train.seeds_program
+  if program == "auto":
+    return "unroll" if jax.default_backend() == "cpu" else "vmap"
+  return program
 
 
 class _Throughput:
@@ -250,17 +374,24 @@ class _Throughput:
     return {"train_seconds": self.train_seconds, "examples_per_sec": per_sec}
 
 
-def _log_train(writer: metrics_lib.MetricWriter, progress: tqdm.tqdm,
-               meter: _Throughput, step: int,
+def _log_train(writers: list[metrics_lib.MetricWriter], seeds: Seeds,
+               progress: tqdm.tqdm, meter: _Throughput, step: int,
                pending: list[dict[str, Any]]) -> None:
-  """Writes the mean of the steps' metrics since the last log; raises
-  ``NonFiniteError`` on a NaN/Inf loss or gradient."""
-  logged = metrics_lib.mean_over_steps(jax.device_get(pending))
-  logged["examples_per_sec"] = meter.interval(step)
-  _check_finite(logged, step)
-  writer.write(step, "train", logged)
-  progress.set_postfix(loss=f"{logged['loss']:.3f}",
-                       acc=f"{logged['accuracy']:.3f}")
+  """Writes each seed's mean of the steps' metrics since the last log;
+  raises ``NonFiniteError`` (before writing) on a NaN/Inf loss or gradient."""
+  fetched = jax.device_get(pending)
+  examples_per_sec = meter.interval(step)
+  logged = []
+  for index, seed in zip(seeds.indices, seeds.values):
+    seed_logged = metrics_lib.mean_over_steps(
+        [metrics_lib.seed_slice(m, index) for m in fetched])
+    seed_logged["examples_per_sec"] = examples_per_sec
+    _check_finite(seed_logged, step, f"seed {seed}: " if seeds.stacked else "")
+    logged.append(seed_logged)
+  for writer, seed_logged in zip(writers, logged):
+    writer.write(step, "train", seed_logged)
+  mean = lambda key: np.mean([seed_logged[key] for seed_logged in logged])
+  progress.set_postfix(loss=f"{mean('loss'):.3f}", acc=f"{mean('accuracy'):.3f}")
 
 
 def prepare_dataset(config: ml_collections.ConfigDict
@@ -334,8 +465,15 @@ def _check_batch_has(batch: dict[str, np.ndarray], keys: list[str],
         f"config.input.pp_train hold only: {', '.join(sorted(batch))}.")
 
 
-def _warm_start(state: steps.TrainState, init_from: str) -> steps.TrainState:
+def _warm_start(state: steps.TrainState, init_from: str,
+                seeds: Seeds) -> steps.TrainState:
+  """``state`` with the parameters (and BatchNorm statistics) of the newest
+  checkpoint of ``init_from``; a one-seed checkpoint starts every seed."""
   params, batch_stats, step = checkpoint_lib.load_params(init_from)
+  if seeds.stacked and _lacks_seed_axis(params, state.params):
+    every_seed = lambda x: np.broadcast_to(x, (len(seeds.values),) + x.shape)
+    params = jax.tree.map(every_seed, params)
+    batch_stats = jax.tree.map(every_seed, batch_stats)
   checkpoint_lib.check_same_structure(params, state.params, "init_from")
   print(f"Warm start: parameters from {init_from} (step {step}).", flush=True)
   cast = lambda new, old: np.asarray(new, old.dtype)
@@ -345,9 +483,15 @@ def _warm_start(state: steps.TrainState, init_from: str) -> steps.TrainState:
                    if state.batch_stats else state.batch_stats))
 
 
-def _check_finite(logged: dict[str, float], step: int) -> None:
+def _lacks_seed_axis(loaded: Any, stacked: Any) -> bool:
+  first = lambda tree: jax.tree.leaves(tree)[0]
+  return np.ndim(first(loaded)) == np.ndim(first(stacked)) - 1
+
+
+def _check_finite(logged: dict[str, float], step: int,
+                  where_prefix: str = "") -> None:
   """Raises on a NaN/Inf loss or gradient, naming the parts whose gradients
-  are not finite."""
+  are not finite (after ``where_prefix``, e.g. the seed)."""
   bad = metrics_lib.first_nonfinite(
       {k: logged[k] for k in ("loss", "grad_norm") if k in logged})
   if bad:
@@ -356,7 +500,8 @@ def _check_finite(logged: dict[str, float], step: int) -> None:
     where = (f" Non-finite gradients in: {', '.join(groups)}." if groups
              else "")
     raise NonFiniteError(
-        f"Non-finite {bad}={logged[bad]} in the steps up to {step}.{where} No "
+        f"{where_prefix}Non-finite {bad}={logged[bad]} in the steps up to "
+        f"{step}.{where} No "
         "checkpoint was written from this state. Lower config.optim."
         "learning_rate, set config.optim.grad_clip_norm, or set "
         "config.train.skip_nonfinite_updates=True to skip such updates.")
@@ -370,11 +515,20 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _summary(results: dict[str, Any]) -> str:
+  seeds = (f" ({results['num_seeds']} seeds)" if "num_seeds" in results
+           else "")
   lines = [f"Done: {results['steps']} steps, {results['train_seconds']:.1f} s "
-           f"training, {results['examples_per_sec']:.0f} examples/s, "
+           f"training, {results['examples_per_sec']:.0f} examples/s{seeds}, "
            f"{results['num_params']:,} parameters."]
   for split in ("validation", "test"):
-    if split in results:
-      lines.append(f"  {split}: accuracy {results[split]['accuracy']:.4f}, "
-                   f"loss {results[split]['loss']:.4f}")
+    if split not in results:
+      continue
+    accuracy, loss = results[split]["accuracy"], results[split]["loss"]
+    if "std" in results:
+      std = results["std"][split]
+      lines.append(f"  {split}: accuracy {accuracy:.4f} ± "
+                   f"{std['accuracy']:.4f}, loss {loss:.4f} ± "
+                   f"{std['loss']:.4f} (mean ± std over seeds)")
+    else:
+      lines.append(f"  {split}: accuracy {accuracy:.4f}, loss {loss:.4f}")
   return "\n".join(lines)

@@ -15,7 +15,8 @@ from mmjax import parallel
 import e2e
 
 RECORD_KEYS = {"experiment", "backend", "devices", "device_kind", "batch_size",
-               "examples_per_sec", "ms_per_step", "compile_seconds",
+               "num_seeds", "examples_per_sec", "examples_per_sec_per_seed",
+               "ms_per_step", "compile_seconds",
                "flops_per_step", "achieved_gflops", "matmul_gflops",
                "fraction_of_matmul", "pipeline_examples_per_sec",
                "peak_memory_bytes"}
@@ -28,7 +29,7 @@ def test_bench_prints_one_json_record(data_dir):
                     f"--config.dataset.data_dir={data_dir}",
                     *e2e.flags(e2e.SMALL_MODEL), "--batch_size=8",
                     "--steps=2", "--warmup=1", "--repeats=2",
-                    "--pipeline_batches=3"])
+                    "--pipeline_batches=3", "--config.train.num_seeds=2"])
   lines = result.stdout.splitlines()
   assert len(lines) == 1, result.stdout  # Progress goes to stderr.
   record = json.loads(lines[0])
@@ -40,8 +41,11 @@ def test_bench_prints_one_json_record(data_dir):
   for key in ("examples_per_sec", "ms_per_step", "compile_seconds",
               "flops_per_step", "matmul_gflops", "pipeline_examples_per_sec"):
     assert record[key] > 0, key
-  assert record["examples_per_sec"] == pytest.approx(
+  assert record["num_seeds"] == 2
+  assert record["examples_per_sec_per_seed"] == pytest.approx(
       8 / (record["ms_per_step"] / 1e3))
+  assert record["examples_per_sec"] == pytest.approx(
+      2 * record["examples_per_sec_per_seed"])
   assert record["achieved_gflops"] == pytest.approx(
       record["flops_per_step"] / (record["ms_per_step"] / 1e3) / 1e9)
   assert record["fraction_of_matmul"] == pytest.approx(

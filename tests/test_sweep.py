@@ -79,3 +79,26 @@ def test_duplicate_variant_names_are_refused(tmp_path):
                   "def get_sweep():\n  return [dict(name='a'), dict(name='a')]\n")
   with pytest.raises(ValueError, match="repeated: \\['a'\\]"):
     sweep.load_sweep(str(path))
+
+
+def test_a_variant_of_several_seeds_counts_as_its_seeds(tmp_path):
+  three = sweep.Variant("a", "fusion=concat", (("train.num_seeds", 3),))
+  single = sweep.Variant("a_s3", "fusion=concat", (("seed", 3),), group="a")
+  waiting = sweep.Variant("b", "fusion=film", (("train.num_seeds", 2),))
+  assert "--config.train.num_seeds=3" in sweep.command(
+      "experiments/mm_shapes.py", three, str(tmp_path))
+  per_seed = [dict(test=dict(accuracy=accuracy), examples_per_sec=100.0,
+                   train_seconds=60.0, num_params=1234, seed=seed)
+              for seed, accuracy in enumerate((0.5, 0.6, 0.7))]
+  os.makedirs(tmp_path / "a")
+  (tmp_path / "a" / "results.json").write_text(json.dumps(dict(
+      test=dict(accuracy=0.6), per_seed=per_seed, examples_per_sec=300.0,
+      train_seconds=60.0, num_params=1234)))
+  os.makedirs(tmp_path / "a_s3")
+  (tmp_path / "a_s3" / "results.json").write_text(json.dumps(dict(
+      test=dict(accuracy=0.8), examples_per_sec=100.0, train_seconds=60.0,
+      num_params=1234)))
+  table = sweep.report([three, single, waiting], str(tmp_path)).splitlines()
+  # Four seeds: 0.5, 0.6, 0.7 (one program) and 0.8 (a separate run).
+  assert table[2] == "| a | 0.650 ± 0.129 | 4/4 | 1,234 | 100 | 1.0 min |"
+  assert table[3] == "| b | not run | 0/2 | | | |"

@@ -1,8 +1,10 @@
 r"""The fusion comparison on AV-MNIST: every method of ``experiments/avmnist.py``
 and the two unimodal baselines, 3 seeds each.
 
-Only ``fusion=`` (or ``modalities=``) and ``seed=`` change between runs. Run,
-resume and tabulate (mean ± std over the seeds) with:
+Only ``fusion=`` (or ``modalities=``) changes between variants; each trains
+its seeds 0-2 as one program (``train.num_seeds``), in the workdir
+``<variant>/seed<k>``. Run, resume and tabulate (mean ± std over the seeds)
+with:
 
   python -m mmjax.sweep --sweep=experiments/ablations/avmnist_fusion.py \
       --workdir=/tmp/mmjax/ablations/avmnist_fusion
@@ -36,6 +38,6 @@ OVERRIDES = {"dataset.manual_dir": "../shared/data/avmnist_raw"}
 
 
 def get_sweep() -> list[dict]:
-  return [dict(name=f"{name}_s{seed}", group=name,
-               arg=f"{arg},seed={seed},epochs={EPOCHS}", overrides=OVERRIDES)
-          for name, arg in EXPERIMENTS.items() for seed in SEEDS]
+  return [dict(name=name, arg=f"{arg},seed={SEEDS[0]},epochs={EPOCHS}",
+               overrides={**OVERRIDES, "train.num_seeds": len(SEEDS)})
+          for name, arg in EXPERIMENTS.items()]

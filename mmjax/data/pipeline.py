@@ -184,12 +184,13 @@ def _host_shard(dataset: grain.MapDataset) -> grain.MapDataset:
 
 
 def train_batches(config: ml_collections.ConfigDict,
-                  vocabularies: dict[str, Vocabulary]) -> grain.MapDataset:
+                  vocabularies: dict[str, Vocabulary],
+                  seed: int | None = None) -> grain.MapDataset:
   """Preprocessed local train batches, indexed by step (infinite).
 
   Element ``step`` is this process's part of the global batch that train step
   ``step`` reads: the train split is shuffled and batched once, globally, with
-  ``config.seed``, and process ``p`` of ``P`` takes rows ``[p * B / P, (p + 1)
+  ``seed`` (default ``config.seed``), and process ``p`` of ``P`` takes rows ``[p * B / P, (p + 1)
   * B / P)`` of each global batch of ``B`` (and reads only those). So the
   global batches, and therefore the run, do not depend on the number of
   processes, and a run resumes at ``step`` without any saved iterator state.
@@ -208,11 +209,27 @@ def train_batches(config: ml_collections.ConfigDict,
     return pp(read_batch(source, rows), rng)
 
   return (grain.MapDataset.range(len(source))
-          .seed(config.seed)
+          .seed(config.seed if seed is None else seed)
           .shuffle()
           .repeat()
           .batch(config.input.batch_size, drop_remainder=True)
           .random_map(read))
+
+
+def train_batches_over_seeds(config: ml_collections.ConfigDict,
+                             vocabularies: dict[str, Vocabulary],
+                             seeds: list[int]) -> grain.MapDataset:
+  """``train_batches`` of each of ``seeds``, stacked on a second axis.
+
+  Element ``step`` holds ``[local_batch, len(seeds), ...]`` arrays whose
+  ``[:, k]`` is element ``step`` of ``train_batches(config, vocabularies,
+  seeds[k])``: seed ``k`` reads the batches of a run with ``config.seed =
+  seeds[k]`` (the example axis stays first, so it is split over devices).
+  """
+  per_seed = [train_batches(config, vocabularies, seed) for seed in seeds]
+  stack = lambda batches: {key: np.stack([b[key] for b in batches], axis=1)
+                           for key in batches[0]}
+  return grain.experimental.ZipMapDataset(parents=per_seed).map(stack)
 
 
 def iterate_from(batches: grain.MapDataset, step: int,
