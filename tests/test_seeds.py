@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -12,16 +13,20 @@ import pytest
 
 from mmjax import checkpoint as checkpoint_lib
 from mmjax import config_lib
+from mmjax import losses
 from mmjax import metrics as metrics_lib
+from mmjax import models
+from mmjax import optim
 from mmjax import parallel
+from mmjax import steps
 from mmjax import train
 from mmjax.data import pipeline
 from test_config import load_experiment
 
 import e2e
+import test_parallel
 
 SEEDS = 2
-PROGRAMS = ("vmap", "unroll")
 
 
 def _config(data_dir, **overrides):
@@ -52,16 +57,14 @@ def _restore_prng_impl():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-  """Workdirs of runs of ``SEEDS`` seeds (``vmap`` and ``unroll``: each
-``config.train.seeds_program``) and of the separate runs of the same seeds
-(``seed<k>``: one-seed runs with ``config.seed = k``)."""
+  """Workdirs of a run of ``SEEDS`` vmapped seeds (``vmap``; the other
+program, ``unroll``, is tested step by step below) and of the separate runs
+of the same seeds (``seed<k>``: one-seed runs with ``config.seed = k``)."""
   before = jax.config.jax_default_prng_impl
   root = tmp_path_factory.mktemp("seeds")
-  for program in PROGRAMS:
-    train.train_and_evaluate(
-        _config(data_dir, **{"train.num_seeds": SEEDS,
-                             "train.seeds_program": program}),
-        str(root / program))
+  train.train_and_evaluate(
+      _config(data_dir, **{"train.num_seeds": SEEDS,
+                           "train.seeds_program": "vmap"}), str(root / "vmap"))
   for seed in range(SEEDS):
     train.train_and_evaluate(_config(data_dir, seed=seed),
                              str(root / f"seed{seed}"))
@@ -77,8 +80,8 @@ def _seed_params(workdir, index=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("program", PROGRAMS)
-def test_seeds_in_one_program_end_as_separate_runs(runs, program):
+def test_vmapped_seeds_end_as_separate_runs(runs):
+  program = "vmap"
   for seed in range(SEEDS):
     one_program, step = _seed_params(runs / program, seed)
     separate, separate_step = _seed_params(runs / f"seed{seed}")
@@ -144,6 +147,43 @@ def test_resumed_seeds_end_where_uninterrupted_ones_do(runs, tmp_path,
   for seed in range(SEEDS):
     assert (e2e.history(workdir / f"seed{seed}") ==
             e2e.history(runs / "vmap" / f"seed{seed}"))
+
+
+def test_seed_steps_equal_separate_steps():
+  """Two steps of ``over_seeds``, unrolled with a batch per seed and vmapped
+  with one shared batch, against each seed's own ``train_step`` (a small
+  image model without dropout, so any PRNG implementation draws alike)."""
+  config = test_parallel._config()
+  config.model.modalities = ("image",)
+  config.model.fusion = {"name": "concat"}
+  model = models.build_model(config.model, vocab_sizes={},
+                             num_classes={"answer": 5}, axis_name=None)
+  schedule = optim.make_schedule(config.optim, 10)
+  tx = optim.make_optimizer(config.optim, schedule)
+  batches = list(test_parallel._batches())
+  one_step = functools.partial(
+      steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
+      targets=losses.head_targets(config.model.heads))
+  separate_step = jax.jit(functools.partial(one_step, axis_name=None))
+  rngs = [jax.random.PRNGKey(seed) for seed in range(SEEDS)]
+  per_seed = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *batches)
+  for vectorize, batch_axis in ((False, 1), (True, None)):
+    states = steps.create_seed_states(model, tx, batches[0], rngs)
+    seed_step = jax.jit(functools.partial(
+        steps.over_seeds(one_step, batch_axis=batch_axis, vectorize=vectorize),
+        axis_name=None))
+    separate = [jax.tree.map(lambda x, k=k: x[k], states)
+                for k in range(SEEDS)]
+    for _ in range(2):
+      states, metrics = seed_step(states, per_seed if batch_axis else batches[0])
+      for k in range(SEEDS):
+        separate[k], separate_metrics = separate_step(
+            separate[k], batches[k] if batch_axis else batches[0])
+        np.testing.assert_allclose(metrics["loss"][k],
+                                   separate_metrics["loss"], rtol=1e-5)
+    for k in range(SEEDS):
+      jax.tree.map(lambda a, b, k=k: np.testing.assert_allclose(
+          a[k], b, atol=1e-5), states.params, separate[k].params)
 
 
 def test_each_seed_reads_its_own_data_order_or_a_shared_one(data_dir):
