@@ -139,6 +139,29 @@ def test_ignores_padding(name):
                          encode(variables, other_x, None).pooled)
 
 
+def test_conv1d_ignores_how_much_padding_follows():
+  """The same 7-frame signal padded to 16, 17 and 18 frames: the same pooled
+  output and the same tokens at real steps (with running statistics; batch
+  statistics in training do count padded steps, as documented)."""
+  enc = Conv1DEncoder(features=(4, 8), kernel_size=5, stride=2, dim=6)
+  signal = np.random.default_rng(0).normal(size=(2, 7, 3)).astype(np.float32)
+  variables = _init(enc, np.zeros((2, 16, 3), np.float32),
+                    np.ones((2, 16), bool))
+  # Running statistics that are not the identity, so BatchNorm matters.
+  variables = jax.tree.map(lambda x: x + 0.3, variables)
+  outputs = []
+  for length in (16, 17, 18):
+    x = np.zeros((2, length, 3), np.float32)
+    x[:, :7] = signal
+    mask = np.arange(length)[None] < 7
+    out = _encode(enc, variables, x, np.repeat(mask, 2, 0), train=False)
+    real = int(out.mask[0].sum())
+    outputs.append((out.pooled, out.tokens[:, :real]))
+  for pooled, tokens in outputs[1:]:
+    chex.assert_trees_all_close(pooled, outputs[0][0], atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(tokens, outputs[0][1], atol=1e-6, rtol=1e-6)
+
+
 # LeNet.
 
 

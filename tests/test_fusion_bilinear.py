@@ -53,7 +53,7 @@ def test_fusion_block(block, num_modalities):
   encs = _encs(num_modalities)
   out = check_registered_fusion(name, cls, kwargs, encs)
   if name == "decision":
-    assert list(out) == list(encs)
+    assert list(out) == sorted(encs)  # Sorted modality order.
     chex.assert_tree_shape_prefix(out, (B, DIM))
   else:
     chex.assert_shape(out, (B, DIM))
@@ -68,6 +68,10 @@ def test_param_counts(num_modalities):
       sum((d + 1) * DIM * k for d in widths))
   assert _param_count(MutanFusion(dim=DIM, hidden=h, rank=r), encs) == (
       sum((d + 1) * h + (h + 1) * r * h for d in widths) + (h + 1) * DIM)
+  m = 7  # A core output width of its own (the paper: hidden 310, mm_dim 510).
+  assert _param_count(MutanFusion(dim=DIM, hidden=h, mm_dim=m, rank=r),
+                      encs) == (
+      sum((d + 1) * h + (h + 1) * r * m for d in widths) + (m + 1) * DIM)
   token_widths = (3, 5, 6)[:num_modalities]  # audio: its pooled, one token.
   assert _param_count(NonLocalGatedFusion(dim=DIM), encs) == (
       sum((c + 1) * DIM + (d + 1) * DIM + (DIM + 1) * DIM + DIM * DIM
@@ -120,19 +124,21 @@ def test_mfb_gradients_are_finite_at_zero():
   chex.assert_tree_all_finite(jax.grad(lambda z: signed_sqrt(z).sum())(z))
 
 
-def test_mutan_is_a_rank_r_sum_of_products():
+@pytest.mark.parametrize("mm_dim", [0, 7])
+def test_mutan_is_a_rank_r_sum_of_products(mm_dim):
   encs = _encs(2)
   h, r = 5, 3
-  fusion = MutanFusion(dim=DIM, hidden=h, rank=r)
+  m = mm_dim or h  # 0 ties the core's output width to hidden.
+  fusion = MutanFusion(dim=DIM, hidden=h, mm_dim=mm_dim, rank=r)
   params = _init(fusion, encs)["params"]
-  assert params["rank_image"]["kernel"].shape == (h, r * h)
+  assert params["rank_image"]["kernel"].shape == (h, r * m)
   dense = lambda x, p: x @ p["kernel"] + p["bias"]
   z = 0.
   for i in range(r):
     prod = 1.
     for n, e in encs.items():
       x = jnp.tanh(dense(e.pooled, params[f"proj_{n}"]))
-      prod = prod * dense(x, params[f"rank_{n}"])[:, i * h:(i + 1) * h]
+      prod = prod * dense(x, params[f"rank_{n}"])[:, i * m:(i + 1) * m]
     z = z + prod
   out = fusion.apply({"params": params}, encs, train=False)
   chex.assert_trees_all_close(out, dense(z, params["out"]), atol=1e-4,

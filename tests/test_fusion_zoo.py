@@ -128,7 +128,7 @@ def test_gated_two_modalities_is_a_convex_mix():
   assert np.all(np.asarray((out >= lo - 1e-6) & (out <= hi + 1e-6)))
 
 
-def test_multiplicative_forms_differ_and_depend_on_order():
+def test_multiplicative_forms_differ_and_take_x_by_name():
   encs = _encs(3)
   outs = {}
   for form in ("matrix", "vector", "scalar"):
@@ -136,11 +136,11 @@ def test_multiplicative_forms_differ_and_depend_on_order():
     outs[form] = fusion.apply(_init(fusion, encs), encs, train=False)
   assert not np.allclose(outs["matrix"], outs["vector"])
   assert not np.allclose(outs["vector"], outs["scalar"])
-  # x is the first modality: reordering changes the parameter shapes.
+  # x is the first modality by name, whatever the dict's order.
   fusion = MultiplicativeFusion(dim=DIM)
   reordered = {"m1": encs["m1"], "m0": encs["m0"], "m2": encs["m2"]}
   assert _init(fusion, encs)["params"]["W"].shape == (11, 4, DIM)
-  assert _init(fusion, reordered)["params"]["W"].shape == (10, 5, DIM)
+  assert _init(fusion, reordered)["params"]["W"].shape == (11, 4, DIM)
 
 
 @pytest.mark.parametrize("block", ["tensor", "low_rank", "gated",

@@ -19,14 +19,18 @@ class Conv1DEncoder(nn.Module):
   In the spirit of the all-convolutional raw-waveform networks of Dai et al.
   2017, "Very Deep Convolutional Neural Networks for Raw Waveforms",
   arXiv:1610.00087. Each stage is a convolution of width ``kernel_size`` and
-  stride ``stride`` (SAME padding, no bias), BatchNorm and ReLU, so ``S``
-  stages shorten the sequence to ``ceil(time / stride**S)``.
+  stride ``stride`` (no bias), BatchNorm and ReLU, so ``S`` stages shorten
+  the sequence to ``ceil(time / stride**S)``.
 
   Padding is ignored: the mask is downsampled with the sequence (output step
   ``j`` is real if input step ``j * stride`` is, i.e. ``mask[:, ::stride]``),
   and the input and every stage's output are zeroed at padded steps, so the
   convolutions see zeros past each sequence's end whatever the padding held.
-  ``pooled`` is a ``Dense`` layer on the mean over real steps. BatchNorm's
+  Each window is padded by a fixed ``(kernel_size - 1) // 2`` steps on the
+  left (window ``j`` is centred on input step ``j * stride``), not by SAME
+  padding, whose windows shift with the padded length: so the output at real
+  steps does not depend on how many padded steps follow either. ``pooled`` is
+  a ``Dense`` layer on the mean over real steps. In training, BatchNorm's
   batch statistics do include the (zeroed) padded steps: flax's masked
   statistics average each device's own masked mean under ``pmap``, which
   is wrong when devices hold different amounts of padding.
@@ -76,8 +80,10 @@ class Conv1DEncoder(nn.Module):
     if mask is not None:
       mask = mask.astype(bool)
       x = jnp.where(mask[..., None], x, 0.)
+    left = (self.kernel_size - 1) // 2
     for feat in self.features:
       x = nn.Conv(feat, (self.kernel_size,), strides=(self.stride,),
+                  padding=[(left, self.kernel_size - 1 - left)],
                   use_bias=False, dtype=self.dtype)(x)
       x = nn.BatchNorm(
           use_running_average=not train, momentum=0.9,

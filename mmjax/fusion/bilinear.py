@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_multimodal
+from mmjax.fusion.inputs import check_multimodal, in_sorted_order
 from mmjax.registry import FUSIONS
 
 # Offset inside the signed square root: its slope at 0 is 1 / (2 sqrt(EPS)),
@@ -92,6 +92,7 @@ class MFBFusion(nn.Module):
     """Fuses ``{name: Encoding}``, each ``pooled [batch, d_m]``, into
     ``[batch, dim]``."""
     check_multimodal(encodings, "MFB")
+    encodings = in_sorted_order(encodings)
     prod_BxK = None
     for name, enc in encodings.items():
       p_BxK = nn.Dense(self.dim * self.factor, dtype=self.dtype,
@@ -110,28 +111,35 @@ class MutanFusion(nn.Module):
 
   The bilinear map ``T x_1 x_2`` is Tucker-decomposed: factor matrices map
   each modality to ``hidden`` dims, ``x~_m = tanh(Dense_m(hidden)(x_m))``; the
-  core tensor is constrained to rank ``rank``, which gives::
+  core tensor, of output width ``mm_dim``, is constrained to rank ``rank``,
+  which gives::
 
-    z = sum_r prod_m (x~_m W_m^r)        [batch, hidden]
+    z = sum_r prod_m (x~_m W_m^r)        [batch, mm_dim]
     out = Dense(dim)(z)                  [batch, dim]
 
-  with ``prod_m`` elementwise. The ``rank`` maps ``W_m^r`` of one modality are
-  a single ``Dense(rank * hidden)``, reshaped to ``[batch, rank, hidden]``.
-  Dropout (training only, rng ``'dropout'``) is applied to each ``x~_m``, as
-  in the reference implementation.
+  with ``prod_m`` elementwise. The ``rank`` maps ``W_m^r [hidden, mm_dim]`` of
+  one modality are a single ``Dense(rank * mm_dim)``, reshaped to ``[batch,
+  rank, mm_dim]``. Dropout (training only, rng ``'dropout'``) is applied to
+  each ``x~_m``, as in the reference implementation. The paper's VQA model
+  uses ``hidden = 310`` and ``mm_dim = 510`` with ``rank = 5`` and feeds ``z``
+  to its classifier; the output ``Dense(dim)`` is mmjax's, so that every
+  fusion returns ``[batch, dim]``.
 
-  Parameter count, ``d_m`` the pooled widths, ``H = hidden``, ``R = rank``:
-  ``sum_m [(d_m + 1) * H + (H + 1) * R * H] + (H + 1) * dim``.
+  Parameter count, ``d_m`` the pooled widths, ``H = hidden``, ``M = mm_dim``,
+  ``R = rank``: ``sum_m [(d_m + 1) * H + (H + 1) * R * M] + (M + 1) * dim``.
 
   Attributes:
     dim: width of the output.
     hidden: width of each projected modality (the paper's ``t_q = t_v``).
+    mm_dim: width of the core tensor's output ``z`` (the paper's ``t_o``);
+      0 ties it to ``hidden``.
     rank: rank ``R`` of the core tensor.
     dropout: dropout rate on the projected modalities.
     dtype: compute dtype; parameters stay float32.
   """
   dim: int = 128
   hidden: int = 64
+  mm_dim: int = 0
   rank: int = 5
   dropout: float = 0.0
   dtype: Any = jnp.float32
@@ -142,15 +150,17 @@ class MutanFusion(nn.Module):
     """Fuses ``{name: Encoding}``, each ``pooled [batch, d_m]``, into
     ``[batch, dim]``."""
     check_multimodal(encodings, "MUTAN")
-    prod_BxRxH = None
+    encodings = in_sorted_order(encodings)
+    mm_dim = self.mm_dim or self.hidden
+    prod_BxRxM = None
     for name, enc in encodings.items():
       x_BxH = jnp.tanh(nn.Dense(self.hidden, dtype=self.dtype,
                                 name=f"proj_{name}")(enc.pooled))
       x_BxH = nn.Dropout(self.dropout, deterministic=not train,
                          name=f"dropout_{name}")(x_BxH)
-      r_BxRxH = nn.Dense(self.rank * self.hidden, dtype=self.dtype,
+      r_BxRxM = nn.Dense(self.rank * mm_dim, dtype=self.dtype,
                          name=f"rank_{name}")(x_BxH).reshape(
-                             -1, self.rank, self.hidden)
-      prod_BxRxH = r_BxRxH if prod_BxRxH is None else prod_BxRxH * r_BxRxH
-    z_BxH = prod_BxRxH.sum(axis=1)
-    return nn.Dense(self.dim, dtype=self.dtype, name="out")(z_BxH)
+                             -1, self.rank, mm_dim)
+      prod_BxRxM = r_BxRxM if prod_BxRxM is None else prod_BxRxM * r_BxRxM
+    z_BxM = prod_BxRxM.sum(axis=1)
+    return nn.Dense(self.dim, dtype=self.dtype, name="out")(z_BxM)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_pooled
+from mmjax.fusion.inputs import check_pooled, in_sorted_order
 from mmjax.registry import FUSIONS
 
 
@@ -20,9 +20,8 @@ class ConcatFusion(nn.Module):
   With one modality this is the unimodal baseline, the same code path as the
   multimodal model.
 
-  Modalities are concatenated in dict order. Note that a dict passed *into* a
-  ``jax.jit``-ed function comes out with its keys sorted, so build the dict
-  inside the traced function if the order matters.
+  Modalities are concatenated in sorted name order, whatever the dict's
+  order (``in_sorted_order``).
 
   Attributes:
     hidden: widths of the MLP's ReLU layers; ``()`` returns the concatenation
@@ -45,6 +44,7 @@ class ConcatFusion(nn.Module):
     if not encodings:
       raise ValueError("Concat fusion needs at least one modality.")
     check_pooled(encodings, "Concat")
+    encodings = in_sorted_order(encodings)
     x = jnp.concatenate([enc.pooled for enc in encodings.values()], axis=-1)
     for width in self.hidden:
       x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))

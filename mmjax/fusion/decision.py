@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_pooled
+from mmjax.fusion.inputs import check_pooled, in_sorted_order
 from mmjax.registry import FUSIONS
 
 
@@ -47,11 +47,12 @@ class DecisionFusion(nn.Module):
   def __call__(self, encodings: dict[str, Encoding], *,
                train: bool) -> dict[str, jax.Array]:
     """``{name: Encoding}``, each ``pooled [batch, d_m]`` -> ``{name:
-    [batch, dim]}``, in the order of ``encodings``."""
+    [batch, dim]}``, in sorted modality order."""
     del train
     if not encodings:
       raise ValueError("Decision fusion needs at least one modality.")
     check_pooled(encodings, "Decision")
+    encodings = in_sorted_order(encodings)
     return {name: nn.relu(nn.Dense(self.dim, dtype=self.dtype,
                                    name=f"proj_{name}")(enc.pooled))
             for name, enc in encodings.items()}

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_pooled
+from mmjax.fusion.inputs import check_pooled, in_sorted_order
 from mmjax.registry import FUSIONS
 
 
@@ -93,7 +93,7 @@ class FiLMFusion(nn.Module):
   """FiLM fusion: the other modalities condition the target's tokens.
 
   The conditioning vector is the concatenation of every other modality's
-  ``pooled``, in dict order. The target's ``tokens`` pass through a 1x1 conv
+  ``pooled``, in sorted name order. The target's ``tokens`` pass through a 1x1 conv
   stem to ``channels``, ``num_blocks`` FiLMed residual blocks, and the paper's
   classifier-style output: 1x1 conv, ReLU, flatten (which keeps position),
   ``Dense(dim)``, ReLU. As in the paper, coordinate channels are appended to
@@ -130,7 +130,8 @@ class FiLMFusion(nn.Module):
     ``pooled [batch, dim_m]``.
     """
     x, mask = self._target_tokens(encodings)
-    cond = {k: v for k, v in encodings.items() if k != self.target}
+    cond = {k: v for k, v in in_sorted_order(encodings).items()
+            if k != self.target}
     check_pooled(cond, "FiLM conditioning")
     cond_BxK = jnp.concatenate([enc.pooled for enc in cond.values()], axis=-1)
     if cond_BxK.shape[0] != x.shape[0]:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_multimodal, token_sequences
+from mmjax.fusion.inputs import check_multimodal, in_sorted_order, token_sequences
 from mmjax.registry import FUSIONS
 from mmjax.transformer import masked_mean
 
@@ -27,7 +27,7 @@ class GatedFusion(nn.Module):
   """Gated Multimodal Unit (Arevalo et al. 2017).
 
   Each modality is mapped to ``h_m = tanh(Dense_m(z_m))``, ``[batch, dim]``.
-  A gate computed from the concatenation of every ``pooled`` (dict order)
+  A gate computed from the concatenation of every ``pooled`` (sorted by name)
   mixes them feature by feature: ``out = sum_m g_m * h_m``.
 
   With two modalities the gate is the paper's ``g = sigmoid(Dense(dim)([z_1,
@@ -58,6 +58,7 @@ class GatedFusion(nn.Module):
     ``[batch, dim]``."""
     del train
     check_multimodal(encodings, "Gated")
+    encodings = in_sorted_order(encodings)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     h_BxMxD = jnp.stack([
         jnp.tanh(dense(self.dim, name=f"proj_{name}")(enc.pooled))
@@ -120,6 +121,7 @@ class NonLocalGatedFusion(nn.Module):
     del train
     block = "Non-local gated"
     check_multimodal(encodings, block)
+    encodings = in_sorted_order(encodings)
     sequences = token_sequences(
         {n: e for n, e in encodings.items() if e.tokens is not None}, block)
     batch = {n: e.pooled.shape[0] for n, e in encodings.items()}

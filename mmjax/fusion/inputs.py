@@ -12,6 +12,18 @@ from mmjax.encoders.base import Encoding
 from mmjax.transformer import as_sequence
 
 
+def in_sorted_order(encodings: dict[str, Encoding]) -> dict[str, Encoding]:
+  """``encodings`` with its modalities sorted by name.
+
+  Every fusion block reads its modalities in this order wherever order
+  matters (concatenation, outer products, which modality is gated):
+  ``jax.jit`` rebuilds a dict argument with sorted keys, so a block that
+  followed the dict's own order would compute a different function of the
+  same parameters inside and outside ``jit`` (``tests/test_modality_order.py``).
+  """
+  return dict(sorted(encodings.items()))
+
+
 def check_pooled(encodings: dict[str, Encoding], block: str) -> None:
   """Raises ``ValueError`` unless every ``pooled`` is ``[batch, dim]`` with one
   shared batch size. ``block`` names the caller in the message."""
@@ -46,10 +58,8 @@ def token_sequences(
   are set to zero, so that no value there can reach a fusion's output, even
   through a sequence with no real token (whose attention has no real key).
 
-  The result is in sorted modality order, whatever the order of
-  ``encodings``: ``jax.jit`` rebuilds a dict argument with sorted keys, so a
-  fusion that concatenated in the dict's own order could compute a different
-  function of the same parameters inside and outside ``jit``.
+  The result is in sorted modality order (``in_sorted_order``), whatever the
+  order of ``encodings``.
 
   Args:
     encodings: modality -> ``Encoding`` with ``tokens`` and optional ``mask``.
@@ -60,7 +70,7 @@ def token_sequences(
     bool or None)``, sorted by modality name.
   """
   sequences = {}
-  for name, enc in sorted(encodings.items()):
+  for name, enc in in_sorted_order(encodings).items():
     if enc.tokens is None:
       raise ValueError(
           f"{block} fusion reads every modality's tokens, but the encoder of "

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_multimodal
+from mmjax.fusion.inputs import check_multimodal, in_sorted_order
 from mmjax.registry import FUSIONS
 
 FORMS = ("matrix", "vector", "scalar")
@@ -23,11 +23,12 @@ FORMS = ("matrix", "vector", "scalar")
 class MultiplicativeFusion(nn.Module):
   """A multiplicative-interaction layer (Jayakumar et al. 2020).
 
-  ``x [batch, dx]`` is the first modality's ``pooled`` (dict order decides
-  which modality that is) and ``z [batch, dz]`` the concatenation of every
-  other modality's. ``z`` acts as a hypernetwork that produces the weights of
-  a linear map applied to ``x``: ``out = W(z) x + b(z)`` with ``b(z) = U z +
-  b``. The forms differ in how ``W(z)`` is parameterised:
+  ``x [batch, dx]`` is the first modality's ``pooled`` in sorted name order
+  (whatever the dict's order, ``in_sorted_order``) and ``z [batch, dz]`` the
+  concatenation of every other modality's, in that order. ``z`` acts as a
+  hypernetwork that produces the weights of a linear map applied to ``x``:
+  ``out = W(z) x + b(z)`` with ``b(z) = U z + b``. The forms differ in how
+  ``W(z)`` is parameterised:
 
     ``matrix``: ``W(z) = z^T W + V``, with ``W [dz, dx, dim]`` (the full
       3-tensor).
@@ -65,6 +66,7 @@ class MultiplicativeFusion(nn.Module):
           f"Unknown multiplicative form {self.form!r}. Valid forms: "
           f"{', '.join(FORMS)}.")
     check_multimodal(encodings, "Multiplicative")
+    encodings = in_sorted_order(encodings)
     encs = list(encodings.values())
     x_BxX = encs[0].pooled
     z_BxZ = jnp.concatenate([enc.pooled for enc in encs[1:]], axis=-1)

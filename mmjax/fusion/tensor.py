@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_multimodal
+from mmjax.fusion.inputs import check_multimodal, in_sorted_order
 from mmjax.registry import FUSIONS
 
 
@@ -47,7 +47,8 @@ class TensorFusion(nn.Module):
 
   Each modality's ``pooled [batch, d_m]`` gets a constant 1 appended; the
   outer product across all modalities, flattened to ``[batch, prod_m (d_m +
-  1)]``, goes through ``Dense(dim)`` and ReLU. Modalities enter in dict order.
+  1)]``, goes through ``Dense(dim)`` and ReLU. Modalities enter in sorted name
+  order, whatever the dict's order.
 
   The outer product grows as the product of the widths: three 128-d
   modalities give 2.2M features and, with ``dim=128``, a 280M-parameter
@@ -76,6 +77,7 @@ class TensorFusion(nn.Module):
     ``[batch, dim]``."""
     del train
     check_multimodal(encodings, "Tensor")
+    encodings = in_sorted_order(encodings)
     zs = []
     for name, enc in encodings.items():
       z_BxD = jnp.asarray(enc.pooled, self.dtype)
@@ -127,6 +129,7 @@ class LowRankFusion(nn.Module):
     ``[batch, dim]``."""
     del train
     check_multimodal(encodings, "Low-rank")
+    encodings = in_sorted_order(encodings)
     init = nn.initializers.variance_scaling(
         1., "fan_in", "truncated_normal", in_axis=1, out_axis=2, batch_axis=0)
     prod_BxRxD = None
