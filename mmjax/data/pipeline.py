@@ -190,10 +190,11 @@ def train_batches(config: ml_collections.ConfigDict,
 
   Element ``step`` is this process's part of the global batch that train step
   ``step`` reads: the train split is shuffled and batched once, globally, with
-  ``seed`` (default ``config.seed``), and process ``p`` of ``P`` takes rows ``[p * B / P, (p + 1)
-  * B / P)`` of each global batch of ``B`` (and reads only those). So the
-  global batches, and therefore the run, do not depend on the number of
-  processes, and a run resumes at ``step`` without any saved iterator state.
+  ``seed`` (default ``config.seed``), and process ``p`` of ``P`` takes rows
+  ``[p * B / P, (p + 1) * B / P)`` of each global batch of ``B`` (and reads
+  only those). So the global batches, and therefore the run, do not depend on
+  the number of processes, and a run resumes at ``step`` without any saved
+  iterator state.
   Random preprocessing draws from one stream per process (on one process, the
   stream grain gives each batch).
   """
