@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -16,7 +17,9 @@ def make_schedule(optim: ml_collections.ConfigDict,
 
   ``constant``: ``lr`` after ``warmup_steps`` of linear warmup.
   ``warmup_cosine``: linear warmup, then cosine decay to 0 at ``total_steps``.
-  ``step``: ``lr`` times ``decay_factor`` at each of ``decay_steps``.
+  ``step``: ``lr`` times ``decay_factor`` from each of ``decay_steps`` on
+  (steps counted from 0, warmup included), after ``warmup_steps`` of linear
+  warmup.
   """
   lr, warmup = optim.learning_rate, optim.warmup_steps
   if optim.schedule == "constant":
@@ -27,8 +30,15 @@ def make_schedule(optim: ml_collections.ConfigDict,
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1))
   if optim.schedule == "step":
-    return optax.piecewise_constant_schedule(
-        lr, {int(s): optim.decay_factor for s in optim.decay_steps})
+    decay_steps = [int(s) for s in optim.decay_steps]
+    if decay_steps != sorted(set(decay_steps)):
+      raise ValueError("config.optim.decay_steps must be increasing, without "
+                       f"repeats: got {tuple(optim.decay_steps)}.")
+    decayed = optax.piecewise_constant_schedule(
+        lr, {s: optim.decay_factor for s in decay_steps})
+    if not warmup:
+      return decayed
+    return lambda step: decayed(step) * jnp.minimum(step / warmup, 1.0)
   raise ValueError(f"Unknown config.optim.schedule {optim.schedule!r}. "
                    f"Valid: {', '.join(SCHEDULES)}.")
 

@@ -32,6 +32,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -100,7 +101,10 @@ def command(config_path: str, variant: Variant, workdir: str) -> list[str]:
          f"--workdir={os.path.join(workdir, variant.name)}"]
   for key, value in variant.overrides:
     if isinstance(value, (tuple, list)):
-      value = "+".join(map(str, value)) if value else "()"
+      # ``config_flags`` reads a tuple as a Python literal: "(8, 16)",
+      # "('image',)". (``+`` joins tuples in the experiment file's argument,
+      # not here: "8+16" would be read as the 1-tuple ('8+16',).)
+      value = repr(tuple(value))
     cmd.append(f"--config.{key}={value}")
   return cmd
 
@@ -126,7 +130,7 @@ def run_sweep(config_path: str, variants: Sequence[Variant], workdir: str,
     if read_results(workdir, variant) is not None:
       print(f"[{i + 1}/{len(variants)}] {variant.name}: done already.")
       continue
-    print(f"[{i + 1}/{len(variants)}] {variant.name}: {' '.join(cmd)}",
+    print(f"[{i + 1}/{len(variants)}] {variant.name}: {shlex.join(cmd)}",
           flush=True)
     if dry_run:
       continue

@@ -186,6 +186,23 @@ def test_image_shows_the_scene(config):
     assert image[background].max() < ms.NOISE
 
 
+# The builder draws each example's answer uniformly among its type's k choices
+# (``sample_question``), so among a type's n examples each answer's count is
+# Binomial(n, 1/k): each count must lie within BALANCE_Z standard deviations,
+# sqrt(n (1/k) (1 - 1/k)), of n/k. For a fair builder, a change of seeds or
+# recipe breaks one of the 27 counts (both configs) with probability at most
+# 27 * P(|N(0, 1)| > 3.5) ~ 1.3%; the counts of these seeds lie within 2.2 sd.
+# The yes/no types have n = 389-484 here, where the bound is 3.5 / sqrt(n)
+# <= 17.8% of n/2, so a 60/40 split (20%) fails
+# (``test_the_balance_check_catches_a_60_40_skew``).
+BALANCE_Z = 3.5
+
+
+def balance_z_scores(counts: collections.Counter, choices) -> list[float]:
+  n, p = sum(counts.values()), 1 / len(choices)
+  return [(counts[c] - n * p) / np.sqrt(n * p * (1 - p)) for c in choices]
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_answers_are_balanced_within_each_question_type(config):
   by_type = collections.defaultdict(collections.Counter)
@@ -195,9 +212,18 @@ def test_answers_are_balanced_within_each_question_type(config):
   for question_type, counts in by_type.items():
     choices = ms.answer_choices(question_type)
     assert set(counts) == set(choices), question_type
-    uniform = sum(counts.values()) / len(choices)
-    for choice in choices:
-      assert abs(counts[choice] / uniform - 1) < 0.3, (question_type, counts)
+    z = balance_z_scores(counts, choices)
+    assert max(map(abs, z)) < BALANCE_Z, (question_type, counts, z)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_balance_check_catches_a_60_40_skew(config):
+  for question_type, n in collections.Counter(
+      s.question_type for s in samples(config)).items():
+    if ms.answer_choices(question_type) == ms.YES_NO:
+      skewed = collections.Counter(yes=round(0.6 * n), no=round(0.4 * n))
+      z = balance_z_scores(skewed, ms.YES_NO)
+      assert max(map(abs, z)) > BALANCE_Z, (question_type, n, z)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

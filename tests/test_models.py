@@ -1,11 +1,14 @@
 """Assembled models: each way of wiring encoders, fusion and heads trains every weight."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mmjax import losses, models
+from mmjax.encoders import Encoding
 from test_config import load_experiment
 
 B, T, VOCAB, CLASSES = 8, 6, 12, 5
@@ -71,4 +74,56 @@ def test_missing_modality_in_batch_is_named():
   batch = _batch()
   del batch["question"]
   with pytest.raises(ValueError, match="fuses modality 'question'.*image"):
-    model.init(jax.random.PRNGKey(0), batch, train=False)
+    jax.eval_shape(functools.partial(model.init, train=False),
+                   jax.random.PRNGKey(0), batch)  # Tracing raises it.
+
+
+def _fused(arg, encodings):
+  """The output ``[batch, dim]`` of the experiment's fusion block, with random
+  weights (from tracing its init only: compiling it takes seconds)."""
+  config = _small(load_experiment().get_config(arg))
+  fusion = models.build_model(
+      config.model, vocab_sizes={"question": VOCAB},
+      num_classes={"answer": CLASSES}, axis_name=None).fusion
+  shapes = jax.eval_shape(functools.partial(fusion.init, train=False),
+                          jax.random.PRNGKey(0), encodings)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(
+      lambda x: rng.normal(scale=0.5, size=x.shape).astype(x.dtype), shapes)
+  out = jax.jit(functools.partial(fusion.apply, train=False))(variables,
+                                                              encodings)
+  return np.asarray(out, np.float64)
+
+
+def test_early_fusion_mixes_the_modalities_and_late_fusion_does_not():
+  """Late fusion (``mm_transformer_late``) runs one tower per modality and
+  returns ``Dense`` of the concatenated towers' outputs, so its output is a
+  sum ``f(image) + g(question)``: for two images a, b and two questions x, y,
+  ``out(a,x) - out(a,y) - out(b,x) + out(b,y) = 0``. Early fusion
+  (``mm_transformer``) attends across the modalities' tokens from the first
+  layer, so how its output changes with the question depends on the image.
+
+  The encoders see one modality each, so the features the heads get mix the
+  modalities exactly when the fusion block's output does; the block is
+  tested alone (the encoders take seconds to compile)."""
+  rng = np.random.default_rng(0)
+  image_2xHxWxC = rng.normal(size=(2, 4, 4, 16)).astype(np.float32)
+  question_2xTxD = rng.normal(size=(2, T, 16)).astype(np.float32)
+  mask_2xT = np.arange(T)[None] < np.array([[T], [T - 2]])
+  pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]  # (image, question) of 4 examples.
+  i, q = np.array(pairs).T
+  question_BxTxD = question_2xTxD[q] * mask_2xT[q][..., None]
+  encodings = {
+      "image": Encoding(pooled=image_2xHxWxC[i].mean((1, 2)),
+                        tokens=image_2xHxWxC[i]),
+      "question": Encoding(pooled=question_BxTxD[:, 0], tokens=question_BxTxD,
+                           mask=mask_2xT[q])}
+  for arg, mixes in (("fusion=mm_transformer", True),
+                     ("fusion=mm_transformer_late", False)):
+    out = _fused(arg, encodings)
+    interaction = out[0] - out[1] - out[2] + out[3]
+    # Both outputs depend on each modality.
+    scale = min(np.abs(out[0] - out[1]).max(), np.abs(out[0] - out[2]).max())
+    assert scale > 1e-2, (arg, scale)
+    ratio = np.abs(interaction).max() / scale
+    assert (ratio > 0.05) if mixes else (ratio < 1e-5), (arg, ratio)

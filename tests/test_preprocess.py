@@ -68,15 +68,47 @@ def test_tokenize_without_vocabulary_names_the_key():
     preprocess.build_pp("tokenize(key='caption')", {})
 
 
-def test_random_crop_translates_and_is_seeded():
-  x = np.zeros((2, 6, 6, 1), np.uint8)
-  x[:, 2:4, 2:4] = 255
-  op = preprocess.random_crop(key="image", pad=2)
+def _translated(x_HxWxC, dy, dx):
+  """``x`` moved down by ``dy`` and right by ``dx`` pixels (negative: up,
+  left), zeros where nothing moved in."""
+  h, w = x_HxWxC.shape[:2]
+  out = np.zeros_like(x_HxWxC)
+  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+      x_HxWxC[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+  return out
+
+
+def test_translated_moves_a_known_pixel():
+  x = np.zeros((4, 5, 1), np.uint8)
+  x[1, 2] = 9
+  assert np.argwhere(_translated(x, 2, -1)[..., 0]).tolist() == [[3, 1]]
+  assert not _translated(x, 3, 0).any()  # Moved out of the image.
+
+
+def test_random_crop_translates_each_example_by_at_most_pad_and_is_seeded():
+  pad, n = 2, 32
+  # Distinct non-zero pixels everywhere: one shift explains each output.
+  x = np.random.default_rng(0).integers(1, 256, (n, 6, 7, 2), dtype=np.uint8)
+  op = preprocess.random_crop(key="image", pad=pad)
   a = op({"image": x}, np.random.default_rng(3))["image"]
-  b = op({"image": x}, np.random.default_rng(3))["image"]
-  np.testing.assert_array_equal(a, b)
-  assert a.shape == x.shape
-  assert (a.reshape(2, -1) > 0).sum(1).tolist() == [4, 4]  # Object stays inside.
+  np.testing.assert_array_equal(
+      a, op({"image": x}, np.random.default_rng(3))["image"])
+  assert a.shape == x.shape and a.dtype == x.dtype
+  shifts = []
+  for out, image in zip(a, x, strict=True):
+    (shift,) = [(dy, dx) for dy in range(-pad, pad + 1)
+                for dx in range(-pad, pad + 1)
+                if np.array_equal(out, _translated(image, dy, dx))]
+    shifts.append(shift)
+  # Not the identity: examples move, by different shifts (of the 25 possible,
+  # 32 draws hit ~18), and both ways on each axis.
+  assert sum(s != (0, 0) for s in shifts) > n // 2, shifts
+  assert len(set(shifts)) >= 10, shifts
+  for axis in (0, 1):
+    assert {np.sign(s[axis]) for s in shifts} == {-1, 0, 1}, shifts
+  # Another seed, other shifts.
+  assert not np.array_equal(
+      a, op({"image": x}, np.random.default_rng(4))["image"])
 
 
 def test_flip_mirrors_some_examples():

@@ -107,9 +107,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_dir,
   params_a, stats_a, step_a = checkpoint_lib.load_params(str(straight))
   params_b, stats_b, step_b = checkpoint_lib.load_params(str(resumed))
   assert step_a == step_b == 150
-  for a, b in zip(*map(e2e.leaves, (params_a, params_b))):
+  for a, b in zip(*map(e2e.leaves, (params_a, params_b)), strict=True):
     np.testing.assert_array_equal(a, b)  # Bit for bit.
-  for a, b in zip(*map(e2e.leaves, (stats_a, stats_b))):
+  for a, b in zip(*map(e2e.leaves, (stats_a, stats_b)), strict=True):
     np.testing.assert_array_equal(a, b)
 
   assert e2e.history(straight) == e2e.history(resumed)
