@@ -108,8 +108,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       num_seeds=1, seeds_share_data=False,
                       seeds_program="auto")
   config.eval = dict(batch_size=500)
+  # As MultiBench: test metrics at the best validation accuracy, besides the
+  # last step's (results.json "best").
   config.checkpoint = dict(every_steps=TRAIN_EXAMPLES // 40, max_to_keep=2,
-                           async_save=True)
+                           async_save=True, keep_best="validation/accuracy",
+                           best_mode="auto")
   config.parallel = dict(backend="pmap")
 
   if arg.runlocal:

@@ -8,6 +8,12 @@ that it is. Restoring tries the newest step first; a step that cannot be read
 ``workdir/checkpoints.corrupt/<step>`` (never deleted) and the next older one
 is tried.
 
+With ``config.checkpoint.keep_best`` (e.g. ``"validation/accuracy"``) the
+state of the step with the best value of that metric is also kept, in
+``workdir/best_checkpoint/<step>/{state,config,best}`` (``best``: the step,
+metric and value), by ``BestCheckpoint``; each seed of a several-seed run
+keeps its own in ``workdir/seed<s>/best_checkpoint``.
+
 With several processes every process calls ``save`` and ``restore_latest``
 (Orbax synchronises them; process 0 writes the replicated state), so the
 directory must be on storage that every host sees.
@@ -17,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -28,6 +35,7 @@ PyTree = Any
 # Checkpoints written before the data position was derived from the step also
 # hold a "data" item (a grain iterator state); it is ignored.
 _ITEMS = ("state", "config")
+_BEST_ITEMS = ("state", "config", "best")
 
 
 class CheckpointSaveError(OSError):
@@ -157,6 +165,87 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       print(f"The run stopped with {exc_type.__name__}, and the checkpoint "
             f"save in flight did not complete: {e}", flush=True)
+
+
+class BestCheckpoint:
+  """Keeps the state of the step with the best value of one metric.
+
+  ``update`` saves a state when its value beats the kept one (strictly; a
+  NaN never does), replacing it; the record of the kept step survives
+  restarts (it is read back from disk), so a resumed run compares against
+  the best of the steps before it. A record of another metric (the run was
+  resumed with another ``keep_best``) counts as none. A context manager, as
+  ``Checkpointer``.
+  """
+
+  def __init__(self, directory: str, *, metric: str, mode: str,
+               async_save: bool = True):
+    if mode not in ("max", "min"):
+      raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}.")
+    self.directory = os.path.abspath(directory)
+    self.metric, self.mode = metric, mode
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=_BEST_ITEMS)
+    self.record = self._read_record()
+
+  def _read_record(self) -> Optional[dict[str, Any]]:
+    step = self._manager.latest_step()
+    if step is None:
+      return None
+    record = self._manager.restore(step, args=ocp.args.Composite(
+        best=ocp.args.JsonRestore())).best
+    return record if record.get("metric") == self.metric else None
+
+  def is_better(self, value: float) -> bool:
+    """Whether ``value`` beats the kept step's value (any finite value does
+    when none is kept)."""
+    if not math.isfinite(value):
+      return False
+    if self.record is None:
+      return True
+    kept = self.record["value"]
+    return value > kept if self.mode == "max" else value < kept
+
+  def update(self, step: int, value: float,
+             state: Callable[[], PyTree], config: dict[str, Any]) -> bool:
+    """Saves ``state()`` (one unreplicated copy; called only when needed) at
+    ``step`` if ``value`` is better; returns whether it saved."""
+    if not self.is_better(value):
+      return False
+    record = {"step": int(step), "metric": self.metric, "value": float(value),
+              "mode": self.mode}
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state()),
+        config=ocp.args.JsonSave(config),
+        best=ocp.args.JsonSave(record)), force=True)
+    self.record = record
+    return True
+
+  def restore(self, abstract_state: PyTree) -> PyTree:
+    """The kept state (call after the last ``update`` finished: ``wait``)."""
+    if self.record is None:
+      raise FileNotFoundError(f"No best checkpoint of {self.metric} in "
+                              f"{self.directory}.")
+    return self._manager.restore(self.record["step"], args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state))).state
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def __enter__(self) -> "BestCheckpoint":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
 
 def load_params(directory: str) -> tuple[PyTree, PyTree, int]:

@@ -26,6 +26,8 @@ RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 # How a run of several seeds maps its step over them (see steps.over_seeds):
 # "auto" is "vmap" on GPU/TPU and "unroll" on CPU.
 SEEDS_PROGRAMS = ("auto", "vmap", "unroll")
+# Directions of config.checkpoint.keep_best's metric.
+BEST_MODES = ("auto", "max", "min")
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
@@ -166,6 +168,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"Unknown config.train.seeds_program "
                      f"{config.train.seeds_program!r}. Valid: "
                      f"{', '.join(SEEDS_PROGRAMS)}.")
+  _check_keep_best(config)
+
+
+def _check_keep_best(config: ml_collections.ConfigDict) -> None:
+  """``config.checkpoint.keep_best`` names a metric of the validation split,
+  which the run evaluates, and ``best_mode`` a direction."""
+  keep_best = config.checkpoint.get("keep_best", "")
+  if not keep_best:
+    return
+  from mmjax import losses  # pylint: disable=g-import-not-at-top
+  valid = [f"validation/{name}"
+           for name in losses.metric_names(list(config.model.heads))]
+  if keep_best not in valid:
+    raise ValueError(f"config.checkpoint.keep_best={keep_best!r} is not a "
+                     "metric this run evaluates during training. Valid: "
+                     f"{', '.join(valid)} (or '' to keep no best checkpoint).")
+  if "validation" not in config.dataset.eval_splits:
+    raise ValueError("config.checkpoint.keep_best needs 'validation' in "
+                     "config.dataset.eval_splits; got "
+                     f"{tuple(config.dataset.eval_splits)}.")
+  if config.checkpoint.get("best_mode", "auto") not in BEST_MODES:
+    raise ValueError(f"Unknown config.checkpoint.best_mode "
+                     f"{config.checkpoint.best_mode!r}. Valid: "
+                     f"{', '.join(BEST_MODES)}.")
+
+
+def best_mode(config: ml_collections.ConfigDict) -> str:
+  """``config.checkpoint.best_mode`` with "auto" resolved: "min" for a
+  loss, "max" for the other metrics (accuracies)."""
+  mode = config.checkpoint.get("best_mode", "auto")
+  if mode == "auto":
+    metric = config.checkpoint.keep_best.split("/", 1)[1]
+    return "min" if metric.startswith("loss") else "max"
+  return mode
 
 
 def _check_part(reg: registry.Registry, part: ml_collections.ConfigDict,

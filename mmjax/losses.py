@@ -16,6 +16,16 @@ def head_targets(heads: ml_collections.ConfigDict) -> dict[str, tuple[str, float
           for name, head in heads.items()}
 
 
+def metric_names(head_names: list[str]) -> list[str]:
+  """The metrics ``classification_terms`` returns for heads ``head_names``
+  (in that order), as evaluation logs them."""
+  names = ["accuracy", "loss"]
+  if len(head_names) > 1:
+    for name in head_names:
+      names += [f"loss/{name}", f"accuracy/{name}"]
+  return names
+
+
 def classification_terms(logits: Mapping[str, jax.Array],
                          batch: Mapping[str, jax.Array],
                          targets: Mapping[str, tuple[str, float]]

@@ -76,10 +76,10 @@ def create_seed_states(model: nn.Module, tx: optax.GradientTransformation,
                       opt_state=tx.init(params), rng=state_rng,
                       skipped_updates=jnp.zeros((), jnp.int32))
 
-  return _stack([init(dict(example_batch), rng) for rng in rngs])
+  return stack_trees([init(dict(example_batch), rng) for rng in rngs])
 
 
-def _stack(trees: Sequence[PyTree]) -> PyTree:
+def stack_trees(trees: Sequence[PyTree]) -> PyTree:
   """Trees of one structure -> one tree, every leaf ``[len(trees), ...]``."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -116,7 +116,7 @@ def over_seeds(step_fn: Callable[..., Any], *, batch_axis: int | None,
       seed_batch = batch if batch_axis is None else jax.tree.map(
           lambda x: jnp.take(x, k, axis=batch_axis), batch)
       outputs.append(one_seed(jax.tree.map(lambda x: x[k], states), seed_batch))
-    return _stack(outputs)
+    return stack_trees(outputs)
 
   return step
 

@@ -6,7 +6,10 @@ restore the newest checkpoint of ``workdir`` (or warm-start from
 checkpoints. Running the same command again on the same workdir resumes.
 
 What a run writes in ``workdir``: ``config.json``, ``metrics.jsonl``,
-``results.json`` (at the end), ``checkpoints/``, ``tb/`` and ``vocab/``.
+``results.json`` (at the end), ``checkpoints/``, ``tb/`` and ``vocab/``; with
+``config.checkpoint.keep_best`` also ``best_checkpoint/``, and ``results.json``
+gains ``"best"``: the best step, its metric value and every eval split's
+metrics at that step (the top-level splits stay the last step's).
 
 With ``config.train.num_seeds = K > 1`` the run trains K independently
 initialised copies of the model (seeds ``config.seed + k``) as one program
@@ -97,6 +100,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         async_save=config.checkpoint.async_save))
     writers = [stack.enter_context(metrics_lib.MetricWriter(d, enabled=is_chief))
                for d in seeds.workdirs(workdir)]
+    keep_best = config.checkpoint.get("keep_best", "")
+    bests = [stack.enter_context(checkpoint_lib.BestCheckpoint(
+        os.path.join(d, "best_checkpoint"), metric=keep_best,
+        mode=config_lib.best_mode(config),
+        async_save=config.checkpoint.async_save))
+             for d in seeds.workdirs(workdir)] if keep_best else []
     restored = checkpointer.restore_latest(host_state)
     if restored is not None:
       host_state, start_step = restored
@@ -121,6 +130,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     def save(step: int) -> None:
       checkpointer.save(step, dp.host_copy(state), config.to_dict())
 
+    def keep_best_states(step: int, validation: list[dict[str, float]]) -> None:
+      """Saves the state of each seed whose ``keep_best`` metric improved."""
+      metric = keep_best.split("/", 1)[1]
+      host = []  # One host copy of the state, made only when needed.
+      for best, means, index in zip(bests, validation, seeds.indices):
+        def seed_state(index=index):
+          if not host:
+            host.append(dp.host_copy(state))
+          return _seed_state(host[0], index)
+        best.update(step, means[metric], seed_state, config.to_dict())
+
     meter = _Throughput(start_step, config.input.batch_size)
     pending: list[dict[str, Any]] = []
     batches = pipeline.iterate_from(trainer.train_batches, start_step, config)
@@ -143,8 +163,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         save(step)
       if (step % config.train.eval_every_steps == 0
           and step < config.train.steps):
-        for writer, means in zip(writers, evaluate(state, "validation")):
+        validation = evaluate(state, "validation")
+        for writer, means in zip(writers, validation):
           writer.write(step, "validation", means)
+        keep_best_states(step, validation)
         meter.restart()  # Evaluation time is not training time.
 
     if step < config.train.steps:  # Stopped by a signal.
@@ -162,12 +184,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
     finals = {split: evaluate(state, split)
               for split in config.dataset.eval_splits}
+    if bests:
+      keep_best_states(step, finals["validation"])
+      at_best = _evaluate_best(bests, finals, step, trainer, dp, evaluate)
     per_seed = []
     for i, writer in enumerate(writers):
       seed_results = {split: means[i] for split, means in finals.items()}
       for split, means in seed_results.items():
         writer.write(step, split, means)
       seed_results.update(steps=step, num_params=num_params, **meter.summary())
+      if bests:
+        seed_results["best"] = dict(bests[i].record, **{
+            split: means[i] for split, means in at_best.items()})
       per_seed.append(seed_results)
   # The final checkpoint is on disk (the checkpointer closed).
   results = per_seed[0] if not seeds.stacked else combine_seeds(
@@ -180,6 +208,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     _write_json(os.path.join(workdir, "results.json"), results)
   print(_summary(results), flush=True)
   return results
+
+
+def _seed_state(host_state: steps.TrainState,
+                index: int | None) -> steps.TrainState:
+  """Seed ``index``'s state of a stacked host state (``None``: unstacked)."""
+  if index is None:
+    return host_state
+  return jax.tree.map(lambda x: x[index], host_state)
+
+
+def _evaluate_best(bests: list[checkpoint_lib.BestCheckpoint],
+                   finals: dict[str, list[dict[str, float]]], step: int,
+                   trainer: "Trainer", dp: parallel.DataParallel,
+                   evaluate: Callable[[Any, str], list[dict[str, float]]]
+                   ) -> dict[str, list[dict[str, float]]]:
+  """Each eval split's metrics (one entry per seed) of each seed's best
+  state: the final ones when every seed's best is the last step, else
+  computed from the best checkpoints (stacked, as the seeds train)."""
+  if all(best.record["step"] == step for best in bests):
+    return finals
+  template = _seed_state(trainer.host_state, trainer.seeds.indices[0])
+  states = []
+  for best in bests:
+    best.wait()
+    states.append(best.restore(template))
+  state = dp.replicate(steps.stack_trees(states) if trainer.seeds.stacked
+                       else states[0])
+  return {split: evaluate(state, split) for split in finals}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,11 +290,13 @@ def combine_seeds(per_seed: list[dict[str, Any]], seeds: Seeds,
   per_seed = [dict(r, seed=seed) for r, seed in zip(per_seed, seeds.values)]
   first = per_seed[0]
   results: dict[str, Any] = {"std": {}}
-  for split in splits:
-    values = {k: np.array([r[split][k] for r in per_seed])
-              for k in first[split]}
-    results[split] = {k: float(v.mean()) for k, v in values.items()}
-    results["std"][split] = {k: float(v.std(ddof=1)) for k, v in values.items()}
+  _add_mean_and_std(results, results["std"], per_seed, splits)
+  if "best" in first:
+    bests = [r["best"] for r in per_seed]
+    results["best"] = {"metric": first["best"]["metric"],
+                       "steps": [b["step"] for b in bests]}
+    results["std"]["best"] = {}
+    _add_mean_and_std(results["best"], results["std"]["best"], bests, splits)
   results.update(
       num_seeds=len(seeds.values), seeds=list(seeds.values),
       seeds_share_data=seeds.share_data, per_seed=per_seed,
@@ -247,6 +305,18 @@ def combine_seeds(per_seed: list[dict[str, Any]], seeds: Seeds,
       examples_per_sec=first["examples_per_sec"] * len(seeds.values),
       examples_per_sec_per_seed=first["examples_per_sec"])
   return results
+
+
+def _add_mean_and_std(means: dict[str, Any], stds: dict[str, Any],
+                      per_seed: list[dict[str, Any]],
+                      splits: tuple[str, ...]) -> None:
+  """``means[split]`` and ``stds[split]``: each metric's mean and standard
+  deviation over the seeds' ``per_seed[k][split]``."""
+  for split in splits:
+    values = {k: np.array([r[split][k] for r in per_seed])
+              for k in per_seed[0][split]}
+    means[split] = {k: float(v.mean()) for k, v in values.items()}
+    stds[split] = {k: float(v.std(ddof=1)) for k, v in values.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -531,4 +601,11 @@ def _summary(results: dict[str, Any]) -> str:
                    f"{std['loss']:.4f} (mean ± std over seeds)")
     else:
       lines.append(f"  {split}: accuracy {accuracy:.4f}, loss {loss:.4f}")
+  if "best" in results:
+    best = results["best"]
+    at = (f"step {best['step']}" if "step" in best else
+          "steps " + ", ".join(map(str, best["steps"])))
+    test = (f": test accuracy {best['test']['accuracy']:.4f}"
+            if "test" in best else "")
+    lines.append(f"  best {best['metric']} at {at}{test}")
   return "\n".join(lines)

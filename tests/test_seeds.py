@@ -37,6 +37,8 @@ def _config(data_dir, **overrides):
   config.dataset.data_dir = data_dir
   config.rng_impl = "threefry2x32"
   config.model.heads.answer.dropout = 0.1
+  # Each seed keeps its own best checkpoint (test_results_... below).
+  config.checkpoint.keep_best = "validation/loss"
   for key, value in {**e2e.SMALL_MODEL, **overrides}.items():
     *parents, leaf = key.split(".")
     node = config
@@ -125,6 +127,19 @@ def test_results_have_each_seed_and_their_mean(runs):
     assert seed_results["num_params"] == separate["num_params"]
   assert results["examples_per_sec"] == pytest.approx(
       SEEDS * results["examples_per_sec_per_seed"])
+  # Each seed's best validation step, and the metrics there, as its own run
+  # kept them (config.checkpoint.keep_best), and their mean over seeds.
+  bests = [r["best"] for r in results["per_seed"]]
+  for seed, best in enumerate(bests):
+    separate = json.loads((runs / f"seed{seed}" / "results.json").read_text())
+    assert best["step"] == separate["best"]["step"]
+    assert best["test"]["loss"] == pytest.approx(
+        separate["best"]["test"]["loss"], abs=1e-5)
+    assert os.listdir(runs / "vmap" / f"seed{seed}" / "best_checkpoint") == [
+        str(best["step"])]
+  assert results["best"]["steps"] == [b["step"] for b in bests]
+  assert results["best"]["test"]["loss"] == pytest.approx(
+      np.mean([b["test"]["loss"] for b in bests]))
   assert os.listdir(runs / "vmap" / "seed1" / "tb")
 
 

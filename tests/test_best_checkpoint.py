@@ -1,0 +1,148 @@
+"""The best validation step's checkpoint (``config.checkpoint.keep_best``):
+its bookkeeping, across restarts, and the test metrics reported there."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import checkpoint as checkpoint_lib
+from mmjax import config_lib
+from mmjax import losses
+from mmjax import metrics as metrics_lib
+from mmjax import train
+from test_config import load_experiment
+
+import e2e
+
+
+def _best(tmp_path, mode="max", metric="validation/accuracy"):
+  return checkpoint_lib.BestCheckpoint(str(tmp_path / "best"), metric=metric,
+                                       mode=mode)
+
+
+def _state(value):
+  return {"w": np.full((2, 3), value, np.float32)}
+
+
+@pytest.mark.parametrize("mode, values, kept", [
+    ("max", [0.5, 0.7, 0.7, 0.6, float("nan")], (1, 0.7)),
+    ("min", [0.5, 0.7, 0.4, 0.4, float("inf")], (2, 0.4)),
+])
+def test_only_a_strictly_better_finite_value_replaces_the_kept_state(
+    tmp_path, mode, values, kept):
+  saved = []
+  with _best(tmp_path, mode) as best:
+    for step, value in enumerate(values):
+      if best.update(step, value, lambda v=value: _state(v), {"c": 1}):
+        saved.append(step)
+    best.wait()
+    restored = best.restore(_state(0.0))
+  assert saved == [0, 1] if mode == "max" else saved == [0, 2]
+  step, value = kept
+  assert (best.record["step"], best.record["value"]) == (step, value)
+  np.testing.assert_array_equal(restored["w"], _state(value)["w"])
+  # max_to_keep=1: only the kept step is on disk.
+  assert os.listdir(tmp_path / "best") == [str(step)]
+
+
+def test_the_state_is_copied_only_when_it_is_saved(tmp_path):
+  calls = []
+  with _best(tmp_path) as best:
+    best.update(1, 0.5, lambda: calls.append(1) or _state(0.5), {})
+    best.update(2, 0.4, lambda: calls.append(2) or _state(0.4), {})
+  assert calls == [1]
+
+
+def test_the_record_survives_a_restart_unless_the_metric_changed(tmp_path):
+  with _best(tmp_path) as best:
+    best.update(4, 0.8, lambda: _state(0.8), {})
+  with _best(tmp_path) as resumed:  # As a resumed run opens it.
+    assert resumed.record == {"step": 4, "metric": "validation/accuracy",
+                              "value": 0.8, "mode": "max"}
+    assert not resumed.is_better(0.75) and resumed.is_better(0.85)
+  with _best(tmp_path, "min", "validation/loss") as other:
+    assert other.record is None and other.is_better(3.0)
+
+
+def test_metric_names_are_what_evaluation_returns():
+  batch = {"a": np.array([0, 1]), "b": np.array([1, 1])}
+  for heads in (["x"], ["x", "y"]):
+    logits = {h: np.zeros((2, 3), np.float32) for h in heads}
+    targets = {h: ("a" if i == 0 else "b", 1.0) for i, h in enumerate(heads)}
+    terms = losses.classification_terms(logits, batch, targets)
+    assert sorted(losses.metric_names(heads)) == sorted(terms)
+
+
+def _config(data_dir, **overrides):
+  """The small runlocal mm_shapes model, validating every 2 steps."""
+  config = load_experiment("mm_shapes").get_config("runlocal")
+  config.dataset.data_dir = data_dir
+  config.train.update(steps=8, eval_every_steps=2)
+  config.checkpoint.keep_best = "validation/accuracy"
+  for key, value in {**e2e.SMALL_MODEL, **overrides}.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def test_keep_best_names_a_metric_the_run_evaluates(data_dir):
+  config = _config(data_dir)
+  config.checkpoint.keep_best = "test/accuracy"
+  with pytest.raises(ValueError, match="Valid: validation/accuracy, "
+                     "validation/loss"):
+    config_lib.validate_config(config)
+  config.checkpoint.keep_best, config.checkpoint.best_mode = (
+      "validation/loss", "lowest")
+  with pytest.raises(ValueError, match="best_mode 'lowest'.*auto, max, min"):
+    config_lib.validate_config(config)
+  config.checkpoint.best_mode = "auto"
+  assert config_lib.best_mode(config) == "min"
+  config.checkpoint.keep_best = "validation/accuracy"
+  assert config_lib.best_mode(config) == "max"
+
+
+@pytest.fixture(autouse=True)
+def _restore_prng_impl():
+  before = jax.config.jax_default_prng_impl
+  yield
+  jax.config.update("jax_default_prng_impl", before)
+
+
+def _validation_history(workdir):
+  return [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(workdir)
+          if r["split"] == "validation"]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reports_the_best_step_of_its_whole_history(
+    tmp_path, data_dir):
+  # Best by the lowest validation loss, which this short run (warmup to a
+  # high learning rate) reaches before it is stopped at step 4: the resumed
+  # run must keep that record, and take the test metrics from the best
+  # checkpoint, not from the final state.
+  overrides = {"checkpoint.keep_best": "validation/loss"}
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(
+      _config(data_dir, **overrides, **{"train.steps": 4}), workdir)
+  results = train.train_and_evaluate(_config(data_dir, **overrides), workdir)
+  history = _validation_history(workdir)
+  assert [s for s, _ in history] == [2, 4, 6, 8]
+  best_step, best_loss = min(history, key=lambda h: h[1])  # First of ties.
+  best = results["best"]
+  assert (best["step"], best["metric"]) == (best_step, "validation/loss")
+  assert best_step <= 4, "the best must come from before the restart here"
+  assert best["value"] == pytest.approx(best_loss, abs=1e-6)
+  # Evaluated again from the checkpoint: the same validation loss.
+  assert best["validation"]["loss"] == pytest.approx(best_loss, abs=1e-6)
+  assert set(best["test"]) == {"accuracy", "loss"}
+  assert best["test"] != results["test"]  # The last step's, top level.
+  assert os.listdir(os.path.join(workdir, "best_checkpoint")) == [
+      str(best_step)]
+  saved = json.loads(open(os.path.join(workdir, "results.json")).read())
+  assert saved["best"] == best
