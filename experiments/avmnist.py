@@ -44,7 +44,7 @@ FUSIONS = {
     "multiplicative": dict(name="multiplicative", form="matrix", dim=240),
     # FiLM modulates the audio encoder's final 1x1x192 map with the image.
     "film": dict(name="film", target="audio", num_blocks=1, channels=192,
-                 dim=240, use_coords=False),
+                 dim=240, classifier="paper", use_coords=False),
     "gated": dict(name="gated", dim=240),
     "mult": dict(name="mult", dim=64, num_layers=2, self_layers=1,
                  num_heads=4, mlp_dim=128),

@@ -30,8 +30,9 @@ TOKEN_FUSIONS = ("film", "mult", "mm_transformer", "mm_transformer_late", "mbt")
 
 FUSIONS = {
     "concat": dict(name="concat", hidden=(256,)),
+    # classifier="flatten": mmjax's earlier output stage (see FiLMFusion).
     "film": dict(name="film", target="image", num_blocks=2, channels=32,
-                 dim=128, use_coords=True),
+                 dim=128, classifier="paper", use_coords=True),
     "tensor": dict(name="tensor", dim=128, project=32),
     "low_rank": dict(name="low_rank", rank=4, dim=128),
     "gated": dict(name="gated", dim=128),

@@ -151,13 +151,24 @@ def test_default_parameter_counts():
   """Exact counts at default settings: 32x32x3 images, 12-token questions."""
   images = jnp.zeros((2, 32, 32, 3))
   ids = jnp.zeros((2, 12), jnp.int32)
+  # 3x3 convs 3->32, 32->64 without bias, BatchNorm scale and shift, Dense
+  # of the flattened 8x8x64 map: 9*3*32 + 2*32 + 9*32*64 + 2*64
+  # + (8*8*64 + 1)*128.
   assert _param_count(ConvEncoder(), images) == 543_904
+  # Embedding 64x64; LSTM, 4 gates of input kernel 64x128 and hidden kernel
+  # 128x128 with bias: 64*64 + 4*(64*128 + 128*128 + 128).
   assert _param_count(LSTMEncoder(vocab_size=64), ids) == 102_912
   encs = {"image": Encoding(pooled=jnp.zeros((2, 128)),
                             tokens=jnp.zeros((2, 8, 8, 64))),
           "question": Encoding(pooled=jnp.zeros((2, 128)))}
   assert _param_count(ConcatFusion(), encs) == 0
-  assert _param_count(FiLMFusion(), encs) == 648_320
+  # channels 64, 2 blocks, dim 128, 2 coordinate channels, conditioning 128:
+  # stem (64+2+1)*64 + 2 blocks * [(64+2+1)*64 + 9*64*64 + (128+1)*2*64]
+  # + paper classifier (64+2)*128 + 2*128 (1x1 conv, BatchNorm).
+  assert _param_count(FiLMFusion(), encs) == 128_320
+  # The same but the flatten output: (64+2+1)*64 + (8*8*64 + 1)*128.
+  assert _param_count(FiLMFusion(classifier="flatten"), encs) == 648_320
+  # (128+1)*256 + (256+1)*10.
   assert _param_count(ClassifierHead(num_classes=10),
                       jnp.zeros((2, 128))) == 35_594
 
@@ -275,16 +286,23 @@ FILM_CASES = {
 }
 
 
+@pytest.mark.parametrize("classifier", ["paper", "flatten"])
 @pytest.mark.parametrize("case", FILM_CASES)
-def test_film_fusion(case):
+def test_film_fusion(case, classifier):
   target, make_encs = FILM_CASES[case]
   encs = make_encs()
-  fusion = FiLMFusion(target=target, num_blocks=2, channels=8, dim=16)
+  fusion = FiLMFusion(target=target, num_blocks=2, channels=8, dim=16,
+                      classifier=classifier)
   variables = _init(fusion, encs)
   chex.assert_shape(fusion.apply(variables, encs, train=False), (B, 16))
   assert ("batch_stats" in variables) == (target == "image")
   assert_jit_agrees(fusion, variables, encs)
   assert_every_param_gets_grad(fusion, variables, encs)
+
+
+def test_unknown_film_classifier():
+  with pytest.raises(ValueError, match="'mlp'.*Valid: paper, flatten"):
+    _init(FiLMFusion(classifier="mlp"), FILM_CASES["image+question"][1]())
 
 
 def test_film_coords_are_optional():
@@ -302,11 +320,13 @@ def test_film_sequence_target_ignores_padding():
   noisy = seq.replace(tokens=jnp.where(
       seq.mask[..., None], seq.tokens, 3. + seq.tokens**2))
   assert not np.allclose(noisy.tokens, seq.tokens)
-  fusion = FiLMFusion(target="question", channels=8, dim=16)
-  variables = _init(fusion, encs)
-  out = fusion.apply(variables, encs, train=False)
-  other = fusion.apply(variables, {**encs, "question": noisy}, train=False)
-  chex.assert_trees_all_close(other, out, atol=1e-6, rtol=1e-6)
+  for classifier in ("paper", "flatten"):
+    fusion = FiLMFusion(target="question", channels=8, dim=16,
+                        classifier=classifier)
+    variables = _init(fusion, encs)
+    out = fusion.apply(variables, encs, train=False)
+    other = fusion.apply(variables, {**encs, "question": noisy}, train=False)
+    chex.assert_trees_all_close(other, out, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("encs, message", [

@@ -25,6 +25,7 @@ BLOCKS = {
     "tensor_project": ("tensor", TensorFusion, dict(dim=DIM, project=3)),
     "low_rank": ("low_rank", LowRankFusion, dict(rank=3, dim=DIM)),
     "gated": ("gated", GatedFusion, dict(dim=DIM)),
+    "gated_softmax": ("gated", GatedFusion, dict(dim=DIM, gate="softmax")),
     "mult_matrix": ("multiplicative", MultiplicativeFusion,
                     dict(form="matrix", dim=DIM)),
     "mult_vector": ("multiplicative", MultiplicativeFusion,
@@ -77,10 +78,15 @@ def test_gated_and_multiplicative_param_counts():
   encs = _encs(3)
   dx, dz = 4, 5 + 6
   widths = [4, 5, 6]
-  assert _param_count(GatedFusion(dim=DIM), encs) == (
-      sum((d + 1) * DIM for d in widths) + (sum(widths) + 1) * 3 * DIM)
-  assert _param_count(GatedFusion(dim=DIM), _encs(2)) == (
-      (4 + 1) * DIM + (5 + 1) * DIM + (4 + 5 + 1) * DIM)
+  # One tanh projection per modality, (d_i + 1) * DIM; the gates read all
+  # 4 + 5 + 6 inputs: 3 sigmoid gates (or one softmax Dense of 3 * DIM).
+  for gate in ("sigmoid", "softmax"):
+    assert _param_count(GatedFusion(dim=DIM, gate=gate), encs) == (
+        sum((d + 1) * DIM for d in widths) + (sum(widths) + 1) * 3 * DIM)
+  # Two modalities: one gate z over both inputs, whatever ``gate``.
+  for gate in ("sigmoid", "softmax"):
+    assert _param_count(GatedFusion(dim=DIM, gate=gate), _encs(2)) == (
+        (4 + 1) * DIM + (5 + 1) * DIM + (4 + 5 + 1) * DIM)
   common = dx * DIM + dz * DIM + DIM
   counts = {"matrix": dz * dx * DIM, "vector": (dz + 1) * DIM,
             "scalar": dz + 1}
@@ -156,6 +162,11 @@ def test_shape_errors(block):
     _init(fusion, encs)
   with pytest.raises(ValueError, match=r"at least two.*\['image'\].*'concat'"):
     _init(fusion, {"image": _vec(0, 4)})
+
+
+def test_unknown_gated_gate():
+  with pytest.raises(ValueError, match="'tanh'.*Valid: sigmoid, softmax"):
+    _init(GatedFusion(dim=DIM, gate="tanh"), _encs(3))
 
 
 def test_unknown_multiplicative_form():

@@ -286,8 +286,10 @@ def test_lenet_fused_is_as_accurate_as_lax_in_bfloat16(side, num_blocks):
 
 # 5,000 test questions: a standard error under 0.8 points for each accuracy.
 ACCURACY_SPLITS = {"train": 20_000, "validation": 100, "test": 5_000}
-# e2e's small FiLM model (runlocal), 400 steps of batch 64.
+# e2e's small FiLM model (runlocal), 400 steps of batch 64, 3 seeds in one
+# program: the accuracy is their mean.
 ACCURACY_RUN = {"train.steps": 400, "input.batch_size": 64,
+                "train.num_seeds": 3,
                 "train.log_every_steps": 100, "train.eval_every_steps": 400,
                 "checkpoint.every_steps": 400, "eval.batch_size": 1000}
 # Answers are balanced within each question type, so the question alone gets
@@ -303,7 +305,7 @@ def accuracy_data_dir(tmp_path_factory):
 
 def _test_accuracy(workdir, data_dir, dtype: str) -> float:
   """Trains through ``python -m mmjax.main --config.model.dtype=<dtype>``;
-  returns the test accuracy from ``results.json``."""
+  returns the test accuracy from ``results.json`` (the seeds' mean)."""
   e2e.run(e2e.command(workdir, data_dir,
                       *e2e.flags({**ACCURACY_RUN, "model.dtype": dtype})))
   return json.loads((workdir / "results.json").read_text())["test"]["accuracy"]
@@ -312,15 +314,15 @@ def _test_accuracy(workdir, data_dir, dtype: str) -> float:
 @pytest.mark.slow
 def test_mm_shapes_in_bfloat16_reaches_the_float32_accuracy(
     tmp_path, accuracy_data_dir):
-  """Same seed, same data order: bfloat16 falls at most 1 point short of
-  float32 (the requirement), and neither is far from the other.
+  """Same seeds, same data orders: over 3 seeds, bfloat16's mean falls at
+  most 1 point short of float32's (the requirement), and neither is far
+  from the other.
 
-  The check is one-sided because, at this budget, the two runs are not at a
-  plateau: rounding differences make them different models, and bfloat16
-  was ahead, not behind, in every run of this setting (by 1.2 points for
-  seeds 0 and 1 on 20,000 test questions). A float32 run on 1 device
-  instead of 4 (a different summation order) moved its accuracy by 1.8
-  points.
+  One seed is not enough at this budget: the runs are not at a plateau, so
+  rounding differences make them different models. Measured per seed
+  (0, 1, 2), float32 0.575, 0.547, 0.579 and bfloat16 0.557, 0.554, 0.597:
+  the gap is -1.8, +0.7 and +1.7 points, and the means are 0.567 and 0.569.
+  The check stays one-sided, as the requirement is.
   """
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     accuracy = dict(zip(models.DTYPES, pool.map(

@@ -70,6 +70,16 @@ class MFBFusion(nn.Module):
   are computed so that gradients stay finite at ``z = 0`` (see
   ``signed_sqrt``, ``l2_normalize``).
 
+  Where this differs from the paper:
+
+  1. The paper's projections, ``z_i = 1^T (U_i^T x * V_i^T y)``, have no
+     biases; each ``Dense`` here keeps one.
+  2. More than two modalities (see the module docstring).
+  3. In the paper MFB fuses a question with image features, also inside a
+     co-attention network; this block is the fusion alone, on pooled
+     vectors. The paper's sizes are ``factor = 5``
+     and ``dim = 1000``.
+
   Parameter count, ``d_m`` the pooled widths: ``sum_m (d_m + 1) * dim *
   factor``.
 
@@ -124,6 +134,13 @@ class MutanFusion(nn.Module):
   uses ``hidden = 310`` and ``mm_dim = 510`` with ``rank = 5`` and feeds ``z``
   to its classifier; the output ``Dense(dim)`` is mmjax's, so that every
   fusion returns ``[batch, dim]``.
+
+  Where this differs from the paper:
+
+  1. The paper writes its factor matrices without biases; each ``Dense``
+     here keeps one.
+  2. The output ``Dense(dim)`` (above) is mmjax's.
+  3. More than two modalities (see the module docstring).
 
   Parameter count, ``d_m`` the pooled widths, ``H = hidden``, ``M = mm_dim``,
   ``R = rank``: ``sum_m [(d_m + 1) * H + (H + 1) * R * M] + (M + 1) * dim``.

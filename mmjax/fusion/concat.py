@@ -1,4 +1,9 @@
-"""Late fusion by concatenation."""
+"""Late fusion by concatenation: the baseline every fusion is compared with.
+
+It follows no single paper; MultiBench's late-fusion baseline (Liang et al.
+2021, arXiv:2107.07502: concatenated encoder outputs, then an MLP) is the
+same model, with the MLP split here between ``hidden`` and the head.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ class ConcatFusion(nn.Module):
 
   Modalities are concatenated in sorted name order, whatever the dict's
   order (``in_sorted_order``).
+
+  Parameter count, ``D = sum_m dim_m`` and ``h_0 = D``: ``sum_l (h_{l-1} +
+  1) * hidden[l]``.
 
   Attributes:
     hidden: widths of the MLP's ReLU layers; ``()`` returns the concatenation

@@ -33,6 +33,16 @@ class DecisionFusion(nn.Module):
 
   Works with one modality (then it is a unimodal model with one more layer).
 
+  Where this differs from late fusion as Snoek et al. (2005) define it:
+
+  1. There, each modality's classifier is trained on its own, and a second
+     classifier, trained on the unimodal scores, combines them. Here the
+     combination is a fixed, unweighted mean of logits (mmjax's choice), and
+     every part is trained end to end through the loss on that mean, so no
+     per-modality classifier is trained to predict alone.
+  2. The per-modality ``Dense(dim)`` and ReLU are mmjax's, so that each
+     head reads ``[batch, dim]`` features as after any other fusion.
+
   Parameter count, ``d_m`` the pooled widths: ``sum_m (d_m + 1) * dim`` (the
   per-modality heads are counted with the heads).
 

@@ -22,57 +22,87 @@ from mmjax.registry import FUSIONS
 from mmjax.transformer import masked_mean
 
 
+# How GMU gates ``M >= 3`` modalities.
+GATES = ("sigmoid", "softmax")
+
+
 @FUSIONS.register("gated")
 class GatedFusion(nn.Module):
-  """Gated Multimodal Unit (Arevalo et al. 2017).
+  """Gated Multimodal Unit (Arevalo et al. 2017, arXiv:1702.01992).
 
-  Each modality is mapped to ``h_m = tanh(Dense_m(z_m))``, ``[batch, dim]``.
-  A gate computed from the concatenation of every ``pooled`` (sorted by name)
-  mixes them feature by feature: ``out = sum_m g_m * h_m``.
+  Each modality ``i`` (sorted by name) is mapped from its ``pooled`` ``x_i``
+  to ``h_i = tanh(Dense_i(x_i))``, ``[batch, dim]``; gates computed from the
+  concatenation ``x = [x_1, ..., x_M]`` of every ``pooled`` mix them feature
+  by feature.
 
-  With two modalities the gate is the paper's ``g = sigmoid(Dense(dim)([z_1,
-  z_2]))``, ``out = g * h_1 + (1 - g) * h_2``. With ``M > 2`` modalities (the
-  paper's extension) a ``Dense(M * dim)`` gives ``M`` logits per feature and
-  a softmax over modalities gives the gates; for ``M = 2`` that is the same
-  family as the sigmoid gate, with twice the gate parameters.
+  Two modalities, the paper's bimodal GMU::
 
-  The paper's equations have no biases; every ``Dense`` here keeps one.
+    z = sigmoid(Dense(dim)(x))            parameter ``gate``
+    out = z * h_1 + (1 - z) * h_2         [batch, dim]
 
-  Parameter count, ``d_m`` the pooled widths and ``D = sum_m d_m``:
-  ``sum_m (d_m + 1) * dim + (D + 1) * G * dim`` with ``G = 1`` for two
-  modalities and ``G = M`` otherwise.
+  ``M >= 3`` modalities, with ``gate="sigmoid"`` (default), the paper's
+  multimodal GMU: one sigmoid gate per modality, each from all the inputs::
 
-  The softmax over modalities runs in float32 whatever ``dtype``.
+    z_i = sigmoid(Dense_i(dim)(x))        parameter ``gate_<modality>``
+    out = sum_i z_i * h_i                 [batch, dim]
+
+  The gates are independent, so ``out`` is not a convex combination of the
+  ``h_i``. ``gate="softmax"`` is mmjax's own alternative, not the paper's:
+  one ``Dense(M * dim)`` (parameter ``gate``) gives ``M`` logits per feature
+  and a softmax over modalities gives gates that sum to 1. The softmax runs in
+  float32 whatever ``dtype``. With two modalities ``gate`` has no effect: a
+  softmax over two logits is the sigmoid of their difference, the paper's
+  single gate.
+
+  Where this differs from the paper:
+
+  1. Its equations have no biases; every ``Dense`` here keeps one.
+  2. Its bimodal GMU gates the visual input by ``z`` and the text by ``1 -
+     z``; here ``z`` gates the first modality by name.
+  3. ``gate="softmax"`` (mmjax's option, above).
+
+  Parameter count, ``d_i`` the pooled widths and ``D = sum_i d_i``:
+  ``sum_i (d_i + 1) * dim + (D + 1) * G * dim``, with ``G = 1`` for two
+  modalities and ``G = M`` otherwise (either gate).
 
   Attributes:
     dim: width of the output.
+    gate: gating of ``M >= 3`` modalities, one of ``GATES``.
     dtype: compute dtype; parameters stay float32.
   """
   dim: int = 128
+  gate: str = "sigmoid"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
                train: bool) -> jax.Array:
-    """Fuses ``{name: Encoding}``, each ``pooled [batch, d_m]``, into
+    """Fuses ``{name: Encoding}``, each ``pooled [batch, d_i]``, into
     ``[batch, dim]``."""
     del train
+    if self.gate not in GATES:
+      raise ValueError(f"Unknown GMU gate {self.gate!r}. Valid: "
+                       f"{', '.join(GATES)}.")
     check_multimodal(encodings, "Gated")
     encodings = in_sorted_order(encodings)
-    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    dense = functools.partial(nn.Dense, self.dim, dtype=self.dtype)
     h_BxMxD = jnp.stack([
-        jnp.tanh(dense(self.dim, name=f"proj_{name}")(enc.pooled))
+        jnp.tanh(dense(name=f"proj_{name}")(enc.pooled))
         for name, enc in encodings.items()], axis=1)
-    z_BxK = jnp.concatenate([enc.pooled for enc in encodings.values()],
+    x_BxK = jnp.concatenate([enc.pooled for enc in encodings.values()],
                             axis=-1)
     num = len(encodings)
     if num == 2:
-      g_BxD = nn.sigmoid(dense(self.dim, name="gate")(z_BxK))
-      return g_BxD * h_BxMxD[:, 0] + (1. - g_BxD) * h_BxMxD[:, 1]
-    logits_BxMxD = dense(num * self.dim, name="gate")(z_BxK).reshape(
-        -1, num, self.dim)
-    g_BxMxD = jax.nn.softmax(logits_BxMxD.astype(jnp.float32), axis=1)
-    return (g_BxMxD.astype(self.dtype) * h_BxMxD).sum(axis=1)
+      z_BxD = nn.sigmoid(dense(name="gate")(x_BxK))
+      return z_BxD * h_BxMxD[:, 0] + (1. - z_BxD) * h_BxMxD[:, 1]
+    if self.gate == "sigmoid":
+      z_BxMxD = jnp.stack([nn.sigmoid(dense(name=f"gate_{name}")(x_BxK))
+                           for name in encodings], axis=1)
+      return (z_BxMxD * h_BxMxD).sum(axis=1)
+    logits_BxMxD = nn.Dense(num * self.dim, dtype=self.dtype, name="gate")(
+        x_BxK).reshape(-1, num, self.dim)
+    z_BxMxD = jax.nn.softmax(logits_BxMxD.astype(jnp.float32), axis=1)
+    return (z_BxMxD.astype(self.dtype) * h_BxMxD).sum(axis=1)
 
 
 @FUSIONS.register("nonlocal_gated")
@@ -96,11 +126,23 @@ class NonLocalGatedFusion(nn.Module):
   would be) plus one bias, ``sum_m s_m W_m + b``: the same map, but independent
   of the dict order (which ``jax.jit`` sorts).
 
-  The gate of every token sees a summary of the whole other modality, the
-  "non-local" response of Wang et al. (2018) with a sigmoid gate in place of
-  the softmax over positions, and the gating of GMU (Arevalo et al. 2017)
-  moved from pooled vectors to tokens. Padded tokens (``mask`` False) are
-  zeroed before the projection and left out of the mean.
+  This block is mmjax's own design; neither paper defines it. It borrows
+  from two:
+
+  1. From GMU (Arevalo et al. 2017, arXiv:1702.01992), a per-feature sigmoid
+     gate computed from more than one modality. GMU gates pooled vectors and
+     mixes the modalities through its gates; here every token is gated, and
+     a ``Dense`` of the concatenated, pooled modalities mixes them.
+  2. From non-local blocks (Wang et al. 2018, arXiv:1711.07971), a response
+     at each position computed from a summary beyond it. A non-local block
+     sums over all positions, weighted by pairwise affinities (a softmax for
+     the embedded-Gaussian form), and adds the result to its input; here the
+     summary is one context vector per modality (the plain mean of the other
+     modalities' pooled projections, no pairwise weights), and it multiplies,
+     through the gate, instead of adding.
+
+  Padded tokens (``mask`` False) are zeroed before the projection and left
+  out of the mean.
 
   Parameter count, ``c_m`` the token widths (``d_m`` where tokens are None),
   ``d_m`` the pooled widths and ``M`` modalities: ``sum_m [(c_m + 1) * dim +

@@ -1,7 +1,8 @@
 """Multiplicative interactions between one modality and the others.
 
 Jayakumar, Czarnecki, Menick, Schwarz, Rae, Osindero, Teh, Harley & Pascanu,
-2020, "Multiplicative Interactions and Where to Find Them", ICLR 2020.
+2020, "Multiplicative Interactions and Where to Find Them", ICLR 2020
+(OpenReview rylnK6VtDH; no arXiv version).
 """
 
 from __future__ import annotations
@@ -25,21 +26,44 @@ class MultiplicativeFusion(nn.Module):
 
   ``x [batch, dx]`` is the first modality's ``pooled`` in sorted name order
   (whatever the dict's order, ``in_sorted_order``) and ``z [batch, dz]`` the
-  concatenation of every other modality's, in that order. ``z`` acts as a
-  hypernetwork that produces the weights of a linear map applied to ``x``:
-  ``out = W(z) x + b(z)`` with ``b(z) = U z + b``. The forms differ in how
-  ``W(z)`` is parameterised:
+  concatenation of every other modality's, in that order. The paper's layer
+  is
 
-    ``matrix``: ``W(z) = z^T W + V``, with ``W [dz, dx, dim]`` (the full
-      3-tensor).
-    ``vector``: ``W(z) = diag(z W_v + b_v) V``, a per-output gate on ``V x``.
-    ``scalar``: ``W(z) = (z w_s + b_s) V``, one gate for all outputs.
+    ``f(x, z) = z^T W x + z^T U + V x + b``
 
-  so ``out`` is ``z^T W x + V x + U z + b`` (matrix), ``(z W_v + b_v) * (V x)
-  + U z + b`` (vector) or ``(z w_s + b_s) * (V x) + U z + b`` (scalar).
+  with ``W [dz, dx, dim]``, ``U [dz, dim]``, ``V [dx, dim]``, ``b [dim]``: a
+  hypernetwork, ``z`` giving the weights ``W'(z) = z^T W + V`` and bias
+  ``b'(z) = z^T U + b`` of a linear map of ``x``. ``form`` chooses how
+  ``W'(z)`` is parameterised; every form keeps ``b'(z)``:
 
-  ``W`` is initialised with variance ``1 / (dz * dx)``, so ``z^T W x`` starts
-  with about unit variance for unit inputs, like ``V x``.
+    ``matrix``: the full form above, ``out = z^T W x + V x + z^T U + b``.
+    ``vector``: ``W'(z) = diag(z^T W_v + b_v) V``,
+      ``out = (z^T W_v + b_v) * (V x) + z^T U + b``.
+    ``scalar``: ``W'(z) = (z^T w_s + b_s) V``,
+      ``out = (z^T w_s + b_s) * (V x) + z^T U + b``.
+
+  (Parameters: ``W`` ``[dz, dx, dim]``; ``W_v`` the kernel of ``Dense`` "W_v"
+  and ``b_v`` its bias; ``w_s``, ``b_s`` of ``Dense`` "w_s"; ``U``, ``V`` the
+  bias-free ``Dense`` "U", "V"; ``b`` a ``[dim]`` parameter.)
+
+  Where this differs from the paper:
+
+  1. The paper's diagonal form gates ``x`` itself, ``W'(z) = diag(z^T W +
+     v)``, so its output has ``x``'s width. ``vector`` gates ``V x``
+     instead, a learned projection of ``x`` to ``dim``, so that its output
+     width is free like the other forms'; it is the paper's diagonal form
+     applied to ``V x``, with ``b_v`` in the role of the paper's ``v``.
+  2. ``scalar`` (one gate shared by all outputs) likewise scales ``V x``,
+     and its bias ``z^T U + b`` is a vector; MultiBench's ``scalar`` form
+     (Liang et al. 2021, arXiv:2107.07502) scales ``x`` itself and adds a
+     scalar bias. The names ``matrix``/``vector``/``scalar`` are
+     MultiBench's, for the shape of ``W'(z)``'s free part per example.
+  3. The paper combines two inputs; with ``M > 2`` modalities ``z`` is the
+     concatenation of all but the first, which is mmjax's choice, as is
+     which modality is ``x``.
+  4. ``W`` is initialised with variance ``1 / (dz * dx)``, so ``z^T W x``
+     starts with about unit variance for unit inputs, like ``V x`` (mmjax's
+     choice).
 
   Parameter count (``V`` and ``U`` have no bias; ``b`` is one ``[dim]``):
     matrix: ``dz * dx * dim + dx * dim + dz * dim + dim``.
@@ -47,7 +71,7 @@ class MultiplicativeFusion(nn.Module):
     scalar: ``(dz + 1) + dx * dim + dz * dim + dim``.
 
   Attributes:
-    form: one of ``"matrix"``, ``"vector"``, ``"scalar"``.
+    form: one of ``FORMS``.
     dim: width of the output.
     dtype: compute dtype; parameters stay float32.
   """

@@ -47,14 +47,27 @@ class TensorFusion(nn.Module):
 
   Each modality's ``pooled [batch, d_m]`` gets a constant 1 appended; the
   outer product across all modalities, flattened to ``[batch, prod_m (d_m +
-  1)]``, goes through ``Dense(dim)`` and ReLU. Modalities enter in sorted name
-  order, whatever the dict's order.
+  1)]``, goes through ``Dense(dim)`` and ReLU::
+
+    out = ReLU(vec([z_1; 1] (x) [z_2; 1] (x) ... (x) [z_M; 1]) W + b)
+
+  Modalities enter in sorted name order, whatever the dict's order; the first
+  one's index varies slowest in the flattened product.
 
   The outer product grows as the product of the widths: three 128-d
   modalities give 2.2M features and, with ``dim=128``, a 280M-parameter
   ``Dense``. Set ``project`` to first map each modality to ``project`` dims
-  with its own ``Dense`` (no activation, so the map stays linear as in the
-  paper's setting of feeding subnetwork outputs straight in).
+  with its own ``Dense`` (no activation).
+
+  Where this differs from the paper:
+
+  1. The paper fuses exactly three modalities (language, visual, acoustic);
+     here any ``M >= 2``.
+  2. The paper feeds the flattened product to its sentiment inference
+     subnetwork, a fully connected network; this block is that network's
+     first layer, and the model's head is the rest.
+  3. ``project`` is mmjax's option; the paper feeds its modality embedding
+     subnetworks' outputs straight into the product.
 
   Parameter count, with ``d_m`` the pooled widths and ``M`` modalities:
     ``project == 0``: ``prod_m (d_m + 1) * dim + dim``.
@@ -109,7 +122,16 @@ class LowRankFusion(nn.Module):
 
   Factors are initialised with variance ``1 / (d_m + 1)``, so each per-modality
   term ``append_one(z_m) @ W_m^r`` starts with about unit variance for unit
-  inputs, and their product does not shrink with the number of modalities.
+  inputs, and their product does not shrink with the number of modalities
+  (mmjax's choice).
+
+  Where this differs from the paper and its reference code:
+
+  1. The code's rank weights are left out (above); its output bias
+     (``fusion_bias``) is ``bias`` here.
+  2. The initialisation is mmjax's.
+  3. The paper's three modalities are language, visual and acoustic; here
+     any ``M >= 2``, in sorted name order.
 
   Parameter count: ``rank * sum_m (d_m + 1) * dim + dim``.
 
