@@ -175,7 +175,9 @@ def test_padding_is_ignored(block):
   chex.assert_trees_all_close(apply(variables, alone)[0], out[i], atol=1e-5)
 
 
-def test_mm_transformer_early_and_late_fusion_differ():
+def test_mm_transformer_early_and_late_fusion_have_their_own_layers():
+  """The parameter layout of each; that early fusion mixes the modalities
+  and late fusion does not is tested on outputs in test_models.py."""
   encs = _encodings()
   early = MultimodalTransformerFusion(num_layers=2, fusion_layer=0, **TINY)
   late = early.clone(fusion_layer=2)
