@@ -248,17 +248,24 @@ class BestCheckpoint:
     self.close()
 
 
-def load_params(directory: str) -> tuple[PyTree, PyTree, int]:
-  """``(params, batch_stats, step)`` of the newest checkpoint in
-  ``directory`` (a run's workdir or its ``checkpoints/``), for warm starts."""
+def load_params(directory: str, step: Optional[int] = None
+                ) -> tuple[PyTree, PyTree, int]:
+  """``(params, batch_stats, step)`` of checkpoint ``step`` (default: the
+  newest) in ``directory``: a run's workdir or its ``checkpoints/``, or a
+  ``best_checkpoint/``. For warm starts and evaluation."""
   if os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
   manager = ocp.CheckpointManager(
       os.path.abspath(directory), item_names=_ITEMS,
       options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  step = manager.latest_step()
+  steps = manager.all_steps()
   if step is None:
-    raise FileNotFoundError(f"init_from: no checkpoint found in {directory}.")
+    step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint found in {directory}.")
+  if step not in steps:
+    raise FileNotFoundError(f"No checkpoint of step {step} in {directory}; "
+                            f"it has steps {sorted(steps)}.")
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore()))
   manager.close()

@@ -132,6 +132,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
     def keep_best_states(step: int, validation: list[dict[str, float]]) -> None:
       """Saves the state of each seed whose ``keep_best`` metric improved."""
+      if not bests:
+        return
       metric = keep_best.split("/", 1)[1]
       host = []  # One host copy of the state, made only when needed.
       for best, means, index in zip(bests, validation, seeds.indices):
@@ -204,8 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if seeds.stacked:
       for seed_workdir, seed_results in zip(seeds.workdirs(workdir),
                                             results["per_seed"]):
-        _write_json(os.path.join(seed_workdir, "results.json"), seed_results)
-    _write_json(os.path.join(workdir, "results.json"), results)
+        write_json(os.path.join(seed_workdir, "results.json"), seed_results)
+    write_json(os.path.join(workdir, "results.json"), results)
   print(_summary(results), flush=True)
   return results
 
@@ -356,12 +358,7 @@ def build_trainer(config: ml_collections.ConfigDict,
   ``config.train.num_seeds``): the same config gives the same state.
   """
   targets = losses.head_targets(config.model.heads)
-  model = models.build_model(
-      config.model,
-      vocab_sizes={k: v.size for k, v in vocabularies.items()},
-      num_classes={t: builder.info.features[t].num_classes
-                   for t, _ in targets.values() if t in builder.info.features},
-      axis_name=parallel.AXIS)
+  model = model_of(config, vocabularies, builder, axis_name=parallel.AXIS)
   schedule = optim.make_schedule(config.optim, config.train.steps)
   tx = optim.make_optimizer(config.optim, schedule)
 
@@ -398,6 +395,21 @@ def build_trainer(config: ml_collections.ConfigDict,
                  train_batches=train_batches, host_state=host_state,
                  train_step=dp.train_step(train_step),
                  eval_step=dp.eval_step(eval_step))
+
+
+def model_of(config: ml_collections.ConfigDict,
+             vocabularies: dict[str, Vocabulary],
+             builder: tfds.core.DatasetBuilder, *,
+             axis_name: str | None) -> models.MultimodalModel:
+  """``config.model``, sized by the data: vocabulary sizes and each head's
+  number of classes (from the dataset's features)."""
+  targets = losses.head_targets(config.model.heads)
+  return models.build_model(
+      config.model,
+      vocab_sizes={k: v.size for k, v in vocabularies.items()},
+      num_classes={t: builder.info.features[t].num_classes
+                   for t, _ in targets.values() if t in builder.info.features},
+      axis_name=axis_name)
 
 
 def _seeds_program(config: ml_collections.ConfigDict) -> str:
@@ -491,7 +503,7 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             "mix two experiments:\n  " + "\n  ".join(changes) + "\nUse a new "
             "--workdir, or pass --config.allow_config_change=True to resume "
             "with the new settings.")
-    _write_json(config_path, config.to_dict())
+    write_json(config_path, config.to_dict())
   except OSError as e:
     raise OSError(f"Cannot write to workdir {workdir} ({e}); choose a writable "
                   "--workdir.") from e
@@ -577,7 +589,7 @@ def _check_finite(logged: dict[str, float], step: int,
         "config.train.skip_nonfinite_updates=True to skip such updates.")
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)

@@ -46,10 +46,14 @@ def parse_pp(spec: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def build_pp(spec: str,
-             vocabularies: Mapping[str, Vocabulary] | None = None) -> Op:
-  """Returns one function applying every op of ``spec`` in order."""
+             vocabularies: Mapping[str, Vocabulary] | None = None, *,
+             skip: tuple[str, ...] = ()) -> Op:
+  """Returns one function applying every op of ``spec`` in order, but the
+  ops named in ``skip``."""
   ops = []
   for name, kwargs in parse_pp(spec):
+    if name in skip:
+      continue
     factory = OPS.get(name)
     if "vocabularies" in inspect.signature(factory).parameters:
       kwargs = dict(kwargs, vocabularies=vocabularies or {})

@@ -1,18 +1,23 @@
-"""The best validation step's checkpoint (``config.checkpoint.keep_best``):
-its bookkeeping, across restarts, and the test metrics reported there."""
+"""Evaluating runs: the best validation step's checkpoint
+(``config.checkpoint.keep_best``), its bookkeeping across restarts and the
+metrics reported there; ``python -m mmjax.evaluate`` and ``mmjax.load``."""
 
 import json
 import os
+import sys
 
 import jax
 import numpy as np
 import pytest
 
+import mmjax
 from mmjax import checkpoint as checkpoint_lib
 from mmjax import config_lib
 from mmjax import losses
 from mmjax import metrics as metrics_lib
+from mmjax import evaluate
 from mmjax import train
+from mmjax.data import pipeline
 from test_config import load_experiment
 
 import e2e
@@ -119,18 +124,29 @@ def _validation_history(workdir):
           if r["split"] == "validation"]
 
 
-@pytest.mark.slow
-def test_a_resumed_run_reports_the_best_step_of_its_whole_history(
-    tmp_path, data_dir):
-  # Best by the lowest validation loss, which this short run (warmup to a
-  # high learning rate) reaches before it is stopped at step 4: the resumed
-  # run must keep that record, and take the test metrics from the best
-  # checkpoint, not from the final state.
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, data_dir):
+  """``(workdir, results)`` of a run stopped at step 4 and resumed to 8,
+  keeping its best validation loss.
+
+  This short run (warmup to a high learning rate) reaches its lowest
+  validation loss before the restart: the resumed run must keep that record
+  and take the test metrics from the best checkpoint, not the final state.
+  """
+  before = jax.config.jax_default_prng_impl
   overrides = {"checkpoint.keep_best": "validation/loss"}
-  workdir = str(tmp_path / "run")
+  workdir = str(tmp_path_factory.mktemp("evaluate") / "run")
   train.train_and_evaluate(
       _config(data_dir, **overrides, **{"train.steps": 4}), workdir)
   results = train.train_and_evaluate(_config(data_dir, **overrides), workdir)
+  jax.config.update("jax_default_prng_impl", before)
+  return workdir, results
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reports_the_best_step_of_its_whole_history(
+    resumed_run):
+  workdir, results = resumed_run
   history = _validation_history(workdir)
   assert [s for s, _ in history] == [2, 4, 6, 8]
   best_step, best_loss = min(history, key=lambda h: h[1])  # First of ties.
@@ -146,3 +162,67 @@ def test_a_resumed_run_reports_the_best_step_of_its_whole_history(
       str(best_step)]
   saved = json.loads(open(os.path.join(workdir, "results.json")).read())
   assert saved["best"] == best
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint", ["best", "latest", 6])
+def test_evaluate_restores_the_checkpoint_the_run_reported(resumed_run,
+                                                           checkpoint):
+  workdir, results = resumed_run
+  evaluation = evaluate.evaluate_run(workdir, checkpoint)
+  expected = {"best": results["best"], "latest": results}.get(checkpoint)
+  if checkpoint == 6:  # Validated during training, logged in metrics.jsonl.
+    expected = {"validation": next(
+        r for r in metrics_lib.read_metrics(workdir)
+        if r["split"] == "validation" and r["step"] == 6)}
+  for split, means in evaluation["splits"].items():
+    if split in expected:
+      for key in ("accuracy", "loss"):
+        assert means[key] == pytest.approx(expected[split][key], abs=1e-5)
+  assert set(evaluation["splits"]) == {"validation", "test"}
+  on_disk = json.loads(open(os.path.join(workdir, "evaluation.json")).read())
+  assert on_disk == json.loads(json.dumps(evaluation))
+
+
+@pytest.mark.slow
+def test_load_predicts_raw_examples_as_the_model_scores_them(resumed_run):
+  workdir, results = resumed_run
+  config, predict = mmjax.load(workdir, checkpoint="best")
+  assert predict.step == results["best"]["step"]
+  source = pipeline.data_source(config, "test")
+  raw = pipeline.read_batch(source, np.arange(len(source)))
+  probabilities = predict({k: raw[k] for k in ("image", "question")})["answer"]
+  # The model's own evaluation batches (preprocessed, with the question's
+  # padding mask), scored by the restored model.
+  vocabularies = evaluate._vocabularies(workdir, config)
+  model = train.model_of(config, vocabularies,
+                         pipeline.ensure_prepared(config), axis_name=None)
+  batches = list(pipeline.eval_batches(config, "test", vocabularies))
+  logits = np.concatenate([
+      model.apply(predict.variables, b, train=False)["answer"][b["_mask"]]
+      for b in batches])
+  np.testing.assert_allclose(probabilities, jax.nn.softmax(logits), rtol=1e-5,
+                             atol=1e-6)
+  accuracy = float(np.mean(probabilities.argmax(-1) == raw["answer"]))
+  assert accuracy == pytest.approx(results["best"]["test"]["accuracy"],
+                                   abs=1e-6)
+  with pytest.raises(KeyError, match="lacks modalities \\['question'\\]"):
+    predict({"image": raw["image"]})
+
+
+def test_evaluate_names_what_is_missing(tmp_path):
+  with pytest.raises(FileNotFoundError, match="holds no run"):
+    evaluate.run_config(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_the_command_line_evaluates_the_splits_asked_for(resumed_run):
+  workdir, results = resumed_run
+  out = e2e.run([sys.executable, "-m", "mmjax.evaluate",
+                 f"--workdir={workdir}", "--checkpoint=latest",
+                 "--splits=test"]).stdout
+  evaluation = json.loads(open(os.path.join(workdir, "evaluation.json")).read())
+  assert set(evaluation["splits"]) == {"test"}
+  assert evaluation["splits"]["test"]["accuracy"] == pytest.approx(
+      results["test"]["accuracy"], abs=1e-6)
+  assert "test: accuracy" in out

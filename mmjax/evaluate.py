@@ -1,0 +1,253 @@
+"""Evaluating a finished run, without retraining or its command line.
+
+    python -m mmjax.evaluate --workdir=/tmp/mmjax/film [--checkpoint=best]
+        [--splits=test,validation]
+
+restores a checkpoint of the run (``latest``, ``best``: the one
+``config.checkpoint.keep_best`` kept, or a step number), evaluates it on the
+splits (default: the run's ``config.dataset.eval_splits``) and writes
+``evaluation.json`` into the workdir. The config, the vocabularies and the
+dataset location come from the run's ``config.json`` and ``vocab/``.
+
+For inference in Python, ``mmjax.load``::
+
+    config, predict = mmjax.load("/tmp/mmjax/film", checkpoint="best")
+    probabilities = predict({"image": images, "question": questions})
+
+``predict`` takes raw batches of the run's modalities (as the dataset stores
+them: ``[batch, ...]`` numpy arrays, strings for text), applies the run's
+evaluation preprocessing and returns ``{head: [batch, classes]}``
+probabilities.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Union
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax import checkpoint as checkpoint_lib
+from mmjax import config_lib
+from mmjax import losses
+from mmjax import metrics as metrics_lib
+from mmjax import models
+from mmjax import steps
+from mmjax import train
+from mmjax.data import pipeline
+from mmjax.data import preprocess
+from mmjax.data.tokenizer import Vocabulary
+
+Checkpoint = Union[str, int]  # "best", "latest" or a step.
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run trained with (its ``config.json``), as the experiment
+  file built it: tuples where JSON holds lists, and settings added since the
+  run was saved at the values that keep its behaviour."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} holds no run: {path} is missing. Pass "
+                            "the --workdir of a run of python -m mmjax.main.")
+  with open(path) as f:
+    saved = json.load(f)
+  for key, value in config_lib.ADDED_SETTINGS.items():
+    *parents, leaf = key.split(".")
+    node = saved
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node.setdefault(leaf, value)
+  return ml_collections.ConfigDict(_lists_to_tuples(saved))
+
+
+def _lists_to_tuples(tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return {k: _lists_to_tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_lists_to_tuples(v) for v in tree)
+  return tree
+
+
+def checkpoint_dir(workdir: str, config: ml_collections.ConfigDict,
+                   checkpoint: Checkpoint, seed: int | None) -> str:
+  """Where checkpoint ``checkpoint`` of seed ``seed`` lies (seed ``None``:
+  a one-seed run)."""
+  if checkpoint != "best":
+    return os.path.join(workdir, "checkpoints")
+  if not config.checkpoint.get("keep_best"):
+    raise ValueError(f"The run in {workdir} kept no best checkpoint "
+                     "(config.checkpoint.keep_best was unset); use "
+                     "--checkpoint=latest or a step.")
+  seed_workdir = workdir if seed is None else os.path.join(workdir,
+                                                           f"seed{seed}")
+  return os.path.join(seed_workdir, "best_checkpoint")
+
+
+def restore_variables(workdir: str, config: ml_collections.ConfigDict,
+                      checkpoint: Checkpoint = "best",
+                      seed: int | None = None) -> tuple[dict[str, Any], int]:
+  """``({"params", "batch_stats"}, step)`` of one seed's checkpoint.
+
+  ``seed``: for a run of several seeds (``config.train.num_seeds``), which
+  one (default: the first); ignored otherwise.
+  """
+  seeds = train.Seeds.of(config)
+  if not seeds.stacked:
+    seed = None
+  elif seed is None:
+    seed = seeds.values[0]
+  elif seed not in seeds.values:
+    raise ValueError(f"The run trained seeds {list(seeds.values)}; got "
+                     f"seed={seed}.")
+  step = None if checkpoint in ("best", "latest") else int(checkpoint)
+  params, batch_stats, step = checkpoint_lib.load_params(
+      checkpoint_dir(workdir, config, checkpoint, seed), step)
+  variables = {"params": params, "batch_stats": batch_stats}
+  if seed is not None and checkpoint != "best":  # Stacked over the seeds.
+    index = seeds.values.index(seed)
+    variables = jax.tree.map(lambda x: np.asarray(x)[index], variables)
+  return variables, step
+
+
+class Predictor:
+  """``predict(batch) -> {head: [batch, classes] probabilities}`` for raw
+  batches of the run's modalities (see the module docstring).
+
+  Attributes:
+    step: the training step of the restored checkpoint.
+    variables: ``{"params", "batch_stats"}`` of the model.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               model: models.MultimodalModel,
+               vocabularies: dict[str, Vocabulary],
+               variables: dict[str, Any], step: int):
+    self.step, self.variables = step, variables
+    self._modalities = tuple(config.model.modalities)
+    # The evaluation preprocessing but its final ``keep``, which also keeps
+    # the labels that a raw batch for inference does not have.
+    self._pp = preprocess.build_pp(config.input.pp_eval, vocabularies,
+                                   skip=("keep",))
+    self._probabilities = jax.jit(functools.partial(_probabilities, model))
+
+  def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    missing = [m for m in self._modalities if m not in batch]
+    if missing:
+      raise KeyError(f"predict: the batch lacks modalities {missing}; the "
+                     f"model reads {', '.join(self._modalities)}.")
+    inputs = self._pp({k: np.asarray(v) for k, v in batch.items()},
+                      np.random.default_rng(0))
+    inputs = {k: v for k, v in inputs.items()
+              if k in self._modalities or k.removesuffix("_mask") in
+              self._modalities}
+    return jax.tree.map(np.asarray,
+                        self._probabilities(self.variables, inputs))
+
+
+def _probabilities(model: models.MultimodalModel, variables: dict[str, Any],
+                   inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  logits = model.apply(variables, inputs, train=False)
+  return {head: jax.nn.softmax(x, axis=-1) for head, x in logits.items()}
+
+
+def load(workdir: str, checkpoint: Checkpoint = "best",
+         seed: int | None = None
+         ) -> tuple[ml_collections.ConfigDict, Predictor]:
+  """``(config, predict)`` of a finished run (see the module docstring).
+
+  Args:
+    workdir: the run's ``--workdir``.
+    checkpoint: "best" (what ``config.checkpoint.keep_best`` kept), "latest"
+      or a step.
+    seed: for a run of several seeds, which one (default: the first).
+  """
+  config = run_config(workdir)
+  vocabularies = _vocabularies(workdir, config)
+  model = train.model_of(config, vocabularies, pipeline.ensure_prepared(config),
+                         axis_name=None)
+  variables, step = restore_variables(workdir, config, checkpoint, seed)
+  return config, Predictor(config, model, vocabularies, variables, step)
+
+
+def _vocabularies(workdir: str,
+                  config: ml_collections.ConfigDict) -> dict[str, Vocabulary]:
+  """The run's saved vocabularies (never rebuilt: ids must match training)."""
+  vocabularies = {}
+  for key in pipeline.text_keys(config):
+    path = os.path.join(workdir, "vocab", f"{key}.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"The run's vocabulary {path} is missing; it is "
+                              "written when training starts.")
+    vocabularies[key] = Vocabulary.load(path)
+  return vocabularies
+
+
+def evaluate_run(workdir: str, checkpoint: Checkpoint = "best",
+                 splits: tuple[str, ...] | None = None) -> dict[str, Any]:
+  """Evaluates every seed of a run on ``splits`` (default: the run's eval
+  splits) and writes ``workdir/evaluation.json``; returns its contents:
+  ``{"checkpoint", "splits": {split: metrics}, "per_seed": [{"seed",
+  "step", split: metrics}, ...]}`` (metrics are the seeds' mean)."""
+  config = run_config(workdir)
+  splits = tuple(splits or config.dataset.eval_splits)
+  vocabularies = _vocabularies(workdir, config)
+  model = train.model_of(config, vocabularies, pipeline.ensure_prepared(config),
+                         axis_name=None)
+  eval_step = jax.jit(functools.partial(
+      steps.eval_step, model=model,
+      targets=losses.head_targets(config.model.heads), axis_name=None,
+      mask_key=pipeline.MASK_KEY))
+  seeds = train.Seeds.of(config)
+  per_seed = []
+  for seed in seeds.values:
+    variables, step = restore_variables(workdir, config, checkpoint, seed)
+    state = steps.TrainState(step=step, params=variables["params"],
+                             batch_stats=variables["batch_stats"],
+                             opt_state=None, rng=None, skipped_updates=None)
+    results = {"seed": seed, "step": step}
+    for split in splits:
+      total = None
+      for batch in pipeline.eval_batches(config, split, vocabularies):
+        total = metrics_lib.add_sums(total, eval_step(state, batch))
+      results[split] = metrics_lib.sums_to_means(total)
+    per_seed.append(results)
+  evaluation = {
+      "checkpoint": checkpoint,
+      "splits": {split: {k: float(np.mean([r[split][k] for r in per_seed]))
+                         for k in per_seed[0][split]} for split in splits},
+      "per_seed": per_seed}
+  if jax.process_index() == 0:
+    train.write_json(os.path.join(workdir, "evaluation.json"), evaluation)
+  return evaluation
+
+
+def main(argv):
+  del argv
+  checkpoint = flags.FLAGS.checkpoint
+  if checkpoint not in ("best", "latest"):
+    if not checkpoint.isdigit():
+      raise app.UsageError(f"--checkpoint={checkpoint!r}: use best, latest "
+                           "or a step number.")
+    checkpoint = int(checkpoint)
+  workdir = flags.FLAGS.workdir
+  evaluation = evaluate_run(workdir, checkpoint, flags.FLAGS.splits)
+  for split, means in evaluation["splits"].items():
+    print(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+  print(f"Wrote {os.path.join(workdir, 'evaluation.json')}.")
+
+
+if __name__ == "__main__":
+  # Defined here, not on import, so that ``mmjax.load`` can be imported next
+  # to other programs' flags.
+  flags.DEFINE_string("workdir", None, "The run's --workdir.", required=True)
+  flags.DEFINE_string("checkpoint", "best", "best (config.checkpoint."
+                      "keep_best's), latest, or a step.")
+  flags.DEFINE_list("splits", None, "Splits to evaluate (default: the run's "
+                    "config.dataset.eval_splits).")
+  app.run(main)
