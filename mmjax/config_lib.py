@@ -80,7 +80,8 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every_steps",
 # Settings added after runs were saved without them, with the value that
 # keeps those runs' behaviour: a saved config that lacks one has that value.
 ADDED_SETTINGS = {"train.num_seeds": 1, "train.seeds_share_data": False,
-                  "train.seeds_program": "auto", "model.dtype": "float32"}
+                  "train.seeds_program": "auto", "model.dtype": "float32",
+                  "model.modality_dropout": 0.0}
 
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -147,6 +148,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"Unknown config.model.dtype {model.dtype!r}. Valid: "
         f"{', '.join(models.DTYPES)} (float16 is not offered: it would need "
         "loss scaling, which bfloat16's float32 range makes unnecessary).")
+  modality_dropout = model.get("modality_dropout", 0.0)
+  if not 0 <= modality_dropout < 1:
+    raise ValueError(f"config.model.modality_dropout must be in [0, 1) (the "
+                     "probability of dropping each modality in training); "
+                     f"got {modality_dropout}.")
   from mmjax.data import preprocess  # pylint: disable=g-import-not-at-top
   for field in ("pp_train", "pp_eval"):
     preprocess.parse_pp(config.input[field])  # Raises on unknown op names.

@@ -1,13 +1,18 @@
 """Evaluating a finished run, without retraining or its command line.
 
     python -m mmjax.evaluate --workdir=/tmp/mmjax/film [--checkpoint=best]
-        [--splits=test,validation]
+        [--splits=test,validation] [--robustness
+        [--robustness_reference=/tmp/mmjax/concat]]
 
 restores a checkpoint of the run (``latest``, ``best``: the one
 ``config.checkpoint.keep_best`` kept, or a step number), evaluates it on the
 splits (default: the run's ``config.dataset.eval_splits``) and writes
 ``evaluation.json`` into the workdir. The config, the vocabularies and the
 dataset location come from the run's ``config.json`` and ``vocab/``.
+``--robustness`` adds the accuracy with missing and noisy modalities and
+MultiBench's robustness metrics (effective robustness against the
+``--robustness_reference`` run's curves), on the test split or the first of
+``--splits``, and draws them in the workdir (``mmjax.robustness``).
 
 For inference in Python, ``mmjax.load``::
 
@@ -38,6 +43,7 @@ from mmjax import config_lib
 from mmjax import losses
 from mmjax import metrics as metrics_lib
 from mmjax import models
+from mmjax import robustness as robustness_lib
 from mmjax import steps
 from mmjax import train
 from mmjax.data import pipeline
@@ -189,12 +195,23 @@ def _vocabularies(workdir: str,
 
 
 def evaluate_run(workdir: str, checkpoint: Checkpoint = "best",
-                 splits: tuple[str, ...] | None = None) -> dict[str, Any]:
+                 splits: tuple[str, ...] | None = None, *,
+                 robustness: bool = False,
+                 robustness_reference: str | None = None) -> dict[str, Any]:
   """Evaluates every seed of a run on ``splits`` (default: the run's eval
   splits) and writes ``workdir/evaluation.json``; returns its contents:
   ``{"checkpoint", "splits": {split: metrics}, "per_seed": [{"seed",
-  "step", split: metrics}, ...]}`` (metrics are the seeds' mean)."""
+  "step", split: metrics}, ...]}`` (metrics are the seeds' mean).
+
+  ``robustness``: also ``"robustness"`` (``mmjax.robustness``; each seed's
+  in ``per_seed``) on the first of ``splits`` (default "test"), with
+  effective robustness against the curves in ``robustness_reference``'s
+  ``evaluation.json``, and its plots in the workdir.
+  """
   config = run_config(workdir)
+  robustness_split = splits[0] if splits else "test"
+  reference = (robustness_lib.read_reference(robustness_reference)
+               if robustness and robustness_reference else None)
   splits = tuple(splits or config.dataset.eval_splits)
   vocabularies = _vocabularies(workdir, config)
   model = train.model_of(config, vocabularies, pipeline.ensure_prepared(config),
@@ -204,12 +221,13 @@ def evaluate_run(workdir: str, checkpoint: Checkpoint = "best",
       targets=losses.head_targets(config.model.heads), axis_name=None,
       mask_key=pipeline.MASK_KEY))
   seeds = train.Seeds.of(config)
-  per_seed = []
+  per_seed, states = [], []
   for seed in seeds.values:
     variables, step = restore_variables(workdir, config, checkpoint, seed)
     state = steps.TrainState(step=step, params=variables["params"],
                              batch_stats=variables["batch_stats"],
                              opt_state=None, rng=None, skipped_updates=None)
+    states.append(state)
     results = {"seed": seed, "step": step}
     for split in splits:
       total = None
@@ -222,8 +240,20 @@ def evaluate_run(workdir: str, checkpoint: Checkpoint = "best",
       "splits": {split: {k: float(np.mean([r[split][k] for r in per_seed]))
                          for k in per_seed[0][split]} for split in splits},
       "per_seed": per_seed}
+  if robustness:
+    keys, accuracy = robustness_lib.evaluate(config, model, vocabularies,
+                                             states, robustness_split)
+    for results, seed_accuracy in zip(per_seed, accuracy):
+      results["robustness"] = robustness_lib.summarize(
+          keys, seed_accuracy.tolist(), reference=reference)
+    evaluation["robustness"] = {"split": robustness_split,
+                                **robustness_lib.summarize(
+                                    keys, accuracy.mean(0).tolist(),
+                                    reference=reference)}
   if jax.process_index() == 0:
     train.write_json(os.path.join(workdir, "evaluation.json"), evaluation)
+    if robustness:
+      robustness_lib.plot(evaluation["robustness"], workdir)
   return evaluation
 
 
@@ -236,9 +266,19 @@ def main(argv):
                            "or a step number.")
     checkpoint = int(checkpoint)
   workdir = flags.FLAGS.workdir
-  evaluation = evaluate_run(workdir, checkpoint, flags.FLAGS.splits)
+  evaluation = evaluate_run(
+      workdir, checkpoint, flags.FLAGS.splits,
+      robustness=flags.FLAGS.robustness,
+      robustness_reference=flags.FLAGS.robustness_reference)
   for split, means in evaluation["splits"].items():
     print(f"{split}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+  if "robustness" in evaluation:
+    for target, curve in evaluation["robustness"]["noise"].items():
+      effective = curve["effective_robustness"]
+      print(f"noise on {target}: relative robustness "
+            f"{curve['relative_robustness']:.4f}" +
+            ("" if effective is None else
+             f", effective robustness {effective:.4f}"))
   print(f"Wrote {os.path.join(workdir, 'evaluation.json')}.")
 
 
@@ -250,4 +290,10 @@ if __name__ == "__main__":
                       "keep_best's), latest, or a step.")
   flags.DEFINE_list("splits", None, "Splits to evaluate (default: the run's "
                     "config.dataset.eval_splits).")
+  flags.DEFINE_bool("robustness", False, "Also the accuracy with missing and "
+                    "noisy modalities, on the test split (or the first of "
+                    "--splits); see mmjax/robustness.py.")
+  flags.DEFINE_string("robustness_reference", None, "The --workdir of a run "
+                      "(e.g. late fusion) evaluated with --robustness, for "
+                      "effective robustness.")
   app.run(main)

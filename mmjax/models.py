@@ -16,6 +16,21 @@ per modality (``heads_<head>_<modality>``), and the head's logits are the mean
 of the per-modality logits. Other fusions keep the parameter tree
 ``encoders_<modality>``, ``fusion``, ``heads_<head>``.
 
+Modality dropout: ``config.model.modality_dropout = p`` (default 0) drops,
+in training only, each modality of each example with probability ``p``, but
+never all of an example's modalities (``sample_modality_keep``; a model of
+one modality drops nothing). A dropped modality's input is zeroed and, where
+it has one, its ``<modality>_mask`` set all False: for an image or a
+spectrogram this is ``mmjax.robustness``'s ``zeros`` replacement; for token
+ids (0 is the padding id) it is the empty sequence, so that the mask does
+not tell the dropped text's length. The idea, dropping whole modalities in
+training so that any subset of them predicts, is ModDrop's (Neverova et al.
+2015, arXiv:1501.00102); the details are mmjax's choices, not the paper's:
+the model's inputs are dropped, per example, with one probability for every
+modality, never all of them, and nothing is rescaled. With
+``p = 0`` nothing is drawn from the ``dropout`` rng: runs are bit for bit
+those of a config without the setting.
+
 Mixed precision: ``config.model.dtype`` (default "float32") is the compute
 dtype of every part with a ``dtype`` attribute, e.g. "bfloat16" on GPU/TPU.
 Parameters (hence gradients and optimizer state), BatchNorm statistics and
@@ -51,10 +66,13 @@ class MultimodalModel(nn.Module):
     encoders: modality -> encoder module (unbound), in fusion order.
     fusion: the fusion block.
     heads: head name -> head module.
+    modality_dropout: in training, the probability of dropping each modality
+      of each example (see the module docstring).
   """
   encoders: Mapping[str, nn.Module]
   fusion: nn.Module
   heads: Mapping[str, nn.Module]
+  modality_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], *,
@@ -62,11 +80,18 @@ class MultimodalModel(nn.Module):
     """``batch[modality]`` (and optional ``batch[f"{modality}_mask"]``) ->
     ``{head: logits [batch, num_classes]}``; the mean over modalities of each
     modality's logits when the fusion returns ``{modality: features}``."""
-    encodings: dict[str, Encoding] = {}
-    for modality, encoder in self.encoders.items():
+    for modality in self.encoders:
       if modality not in batch:
         raise ValueError(f"The model fuses modality {modality!r} but the batch "
                          f"has only: {', '.join(sorted(batch))}.")
+    if train and self.modality_dropout > 0 and len(self.encoders) > 1:
+      modalities = tuple(self.encoders)
+      keep_BxM = sample_modality_keep(
+          self.make_rng("dropout"), len(batch[modalities[0]]),
+          len(modalities), self.modality_dropout)
+      batch = drop_modalities(batch, keep_BxM, modalities)
+    encodings: dict[str, Encoding] = {}
+    for modality, encoder in self.encoders.items():
       encodings[modality] = encoder(batch[modality],
                                     batch.get(f"{modality}_mask"), train=train)
     fused = self.fusion(encodings, train=train)
@@ -83,6 +108,37 @@ class MultimodalModel(nn.Module):
             for name, head in self.heads.items()}
 
 
+def sample_modality_keep(rng: jax.Array, batch_size: int,
+                         num_modalities: int, p: float) -> jax.Array:
+  """``[batch, modalities]`` bool, True where an example keeps a modality.
+
+  Each entry is dropped with probability ``p``, independently; an example
+  that would drop them all keeps one, drawn uniformly. So a modality is
+  dropped with probability ``p - p**M / M`` for ``M`` modalities (a little
+  under ``p``), and no example is left without input.
+  """
+  drop_rng, rescue_rng = jax.random.split(rng)
+  keep_BxM = jax.random.uniform(drop_rng, (batch_size, num_modalities)) >= p
+  rescue_B = jax.random.randint(rescue_rng, (batch_size,), 0, num_modalities)
+  none_kept_B = ~keep_BxM.any(axis=1)
+  return keep_BxM | (none_kept_B[:, None] &
+                     (jnp.arange(num_modalities) == rescue_B[:, None]))
+
+
+def drop_modalities(batch: Mapping[str, jax.Array], keep_BxM: jax.Array,
+                    modalities: tuple[str, ...]) -> dict[str, jax.Array]:
+  """``batch`` with modality ``modalities[m]`` of example ``b`` zeroed (its
+  ``<modality>_mask`` too, if any) where ``keep_BxM[b, m]`` is False."""
+  batch = dict(batch)
+  for m, modality in enumerate(modalities):
+    for key in (modality, f"{modality}_mask"):
+      if key in batch:
+        x = batch[key]
+        keep = keep_BxM[:, m].reshape((-1,) + (1,) * (x.ndim - 1))
+        batch[key] = jnp.where(keep, x, jnp.zeros_like(x))
+  return batch
+
+
 def build_model(model_config: ml_collections.ConfigDict, *,
                 vocab_sizes: Mapping[str, int],
                 num_classes: Mapping[str, int],
@@ -91,7 +147,8 @@ def build_model(model_config: ml_collections.ConfigDict, *,
 
   Args:
     model_config: ``config.model``; its ``dtype`` (one of ``DTYPES``, default
-      "float32") is given to every part with a ``dtype`` attribute.
+      "float32") is given to every part with a ``dtype`` attribute, its
+      ``modality_dropout`` (default 0) to the model.
     vocab_sizes: text modality -> vocabulary size (from the data), given to
       encoders that have a ``vocab_size`` attribute left unset.
     num_classes: target field -> number of classes (from the dataset), given to
@@ -118,7 +175,9 @@ def build_model(model_config: ml_collections.ConfigDict, *,
                                     num_classes=num_classes.get(part.target))
   fusion = _instantiate(registry.FUSIONS, model_config.fusion, PART_KEYS,
                         model_wide)
-  return MultimodalModel(encoders=encoders, fusion=fusion, heads=heads)
+  return MultimodalModel(
+      encoders=encoders, fusion=fusion, heads=heads,
+      modality_dropout=float(model_config.get("modality_dropout", 0.0)))
 
 
 def _instantiate(reg: registry.Registry, part: ml_collections.ConfigDict,

@@ -23,12 +23,20 @@ of its group::
     python -m mmjax.sweep --sweep=... --workdir=... --report   # table only
 
 The table is printed and written to ``WORKDIR/report.md``, with a bar chart
-of the accuracies in ``WORKDIR/report.png``.
+of the accuracies in ``WORKDIR/report.png``. ``--robustness`` also evaluates
+each finished run with ``python -m mmjax.evaluate --robustness`` (runs whose
+``evaluation.json`` has it already are skipped; ``--robustness_reference=
+<variant>``, e.g. late fusion, is evaluated first and is the reference of
+the others' effective robustness) and adds a second table: relative
+robustness per noised modality and all, MultiBench's min-max normalisation
+of the latter over the table, effective robustness, and the accuracy
+without each modality (zeroed; see ``mmjax.robustness``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -48,6 +56,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Parent of the variants' "
 _ONLY = flags.DEFINE_list("only", [], "Run only these variant names.")
 _REPORT = flags.DEFINE_bool("report", False, "Only print the table.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+_ROBUSTNESS = flags.DEFINE_bool("robustness", False, "Also evaluate the "
+                                "finished runs' robustness and tabulate it.")
+_ROBUSTNESS_REFERENCE = flags.DEFINE_string(
+    "robustness_reference", None, "The variant whose noise curves are the "
+    "reference of effective robustness (MultiBench: late fusion).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +221,105 @@ def plot(variants: Sequence[Variant], workdir: str, path: str,
   plt.close(fig)
 
 
+def evaluate_robustness(variants: Sequence[Variant], workdir: str,
+                        reference: str | None = None) -> list[str]:
+  """Runs ``python -m mmjax.evaluate --robustness`` (on the best checkpoint
+  where the run kept one) on each finished variant without robustness in
+  its ``evaluation.json``, ``reference`` first; returns the failed names.
+  Output goes to ``WORKDIR/<name>.robustness.log``."""
+  failed = []
+  ordered = sorted(variants, key=lambda v: v.name != reference)
+  for variant in ordered:
+    run = os.path.join(workdir, variant.name)
+    if read_results(workdir, variant) is None:
+      continue
+    done = _read_json(os.path.join(run, "evaluation.json")).get("robustness")
+    if done and (reference is None or variant.name == reference or
+                 done["noise"]["all"]["effective_robustness"] is not None):
+      continue
+    config = _read_json(os.path.join(run, "config.json"))
+    best = config.get("checkpoint", {}).get("keep_best")
+    cmd = [sys.executable, "-m", "mmjax.evaluate", f"--workdir={run}",
+           f"--checkpoint={'best' if best else 'latest'}", "--robustness"]
+    if reference and variant.name != reference:
+      cmd.append(f"--robustness_reference={os.path.join(workdir, reference)}")
+    print(f"robustness of {variant.name}: {shlex.join(cmd)}", flush=True)
+    with open(os.path.join(workdir, f"{variant.name}.robustness.log"),
+              "a") as log:
+      if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                        check=False).returncode:
+        failed.append(variant.name)
+  return failed
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def robustness_report(variants: Sequence[Variant], workdir: str) -> str:
+  """A markdown table of each group's robustness (means over its runs'
+  seeds evaluated with it), for the groups with such runs."""
+  groups: dict[str, list[dict[str, Any]]] = {}
+  for variant in variants:
+    evaluation = _read_json(os.path.join(workdir, variant.name,
+                                         "evaluation.json"))
+    groups.setdefault(variant.group_name, []).extend(
+        r["robustness"] for r in evaluation.get("per_seed", [])
+        if "robustness" in r)
+  groups = {group: runs for group, runs in groups.items() if runs}
+  if not groups:
+    return "No run has been evaluated with --robustness."
+  modalities = list(dict.fromkeys(
+      m for runs in groups.values() for m in runs[0]["noise"] if m != "all"))
+  columns = {}  # Name -> (group's runs -> value, or None).
+  for m in modalities + ["all"]:
+    columns[f"rel. rob. {m}"] = functools.partial(_noise_metric, m,
+                                                  "relative_robustness")
+  columns["eff. rob. all"] = functools.partial(_noise_metric, "all",
+                                               "effective_robustness")
+  for m in modalities:
+    columns[f"without {m}"] = functools.partial(_without, m)
+  values = {group: {name: column(runs) for name, column in columns.items()}
+            for group, runs in groups.items()}
+  # MultiBench's normalisation over the compared methods (mmjax.robustness;
+  # imported here only: the sweep runner itself does not load JAX).
+  from mmjax import robustness  # pylint: disable=g-import-not-at-top
+  normalized = robustness.minmax_normalize(
+      {g: v["rel. rob. all"] for g, v in values.items()})
+  names = list(columns)
+  names.insert(len(modalities) + 1, "rel. rob. all (min-max)")
+  rows = ["| variant | " + " | ".join(names) + " |",
+          "|---" * (len(names) + 1) + "|"]
+  for group, row in values.items():
+    row = {**row, "rel. rob. all (min-max)": normalized[group]}
+    cells = [group] + ["" if row[n] is None else f"{row[n]:.3f}"
+                       for n in names]
+    rows.append("|" + "".join(f" {c} |" if c else " |" for c in cells))
+  return "\n".join(rows)
+
+
+def _noise_metric(target: str, metric: str,
+                  runs: list[dict[str, Any]]) -> float | None:
+  values = [r["noise"][target][metric] for r in runs
+            if target in r["noise"]]
+  values = [v for v in values if v is not None]
+  return statistics.mean(values) if values else None
+
+
+def _without(modality: str, runs: list[dict[str, Any]]) -> float | None:
+  """The accuracy with ``modality`` zeroed and every other one kept."""
+  values = []
+  for r in runs:
+    names = [m for m in r["noise"] if m != "all"]
+    kept = "+".join(m for m in names if m != modality)
+    if modality in names and kept in r["subsets"]:
+      values.append(r["subsets"][kept]["zeros"])
+  return statistics.mean(values) if values else None
+
+
 def main(argv):
   del argv
   config_path, variants = load_sweep(_SWEEP.value)
@@ -217,10 +329,18 @@ def main(argv):
       raise app.UsageError(f"--only names unknown variants {unknown}; valid: "
                            f"{', '.join(v.name for v in variants)}.")
     variants = [v for v in variants if v.name in _ONLY.value]
+  reference = _ROBUSTNESS_REFERENCE.value
+  if reference and reference not in {v.name for v in variants}:
+    raise app.UsageError(f"--robustness_reference={reference} is not a "
+                         "variant; valid: "
+                         f"{', '.join(v.name for v in variants)}.")
   failed = []
   if not _REPORT.value:
     failed = run_sweep(config_path, variants, _WORKDIR.value, _DRY_RUN.value)
   table = report(variants, _WORKDIR.value)
+  if _ROBUSTNESS.value and not _DRY_RUN.value:
+    failed += evaluate_robustness(variants, _WORKDIR.value, reference)
+    table += "\n\n" + robustness_report(variants, _WORKDIR.value)
   print(table)
   if not _DRY_RUN.value:
     with open(os.path.join(_WORKDIR.value, "report.md"), "w") as f:
