@@ -551,7 +551,10 @@ def _warm_start(state: steps.TrainState, init_from: str,
                 seeds: Seeds) -> steps.TrainState:
   """``state`` with the parameters (and BatchNorm statistics) of the newest
   checkpoint of ``init_from``; a one-seed checkpoint starts every seed."""
-  params, batch_stats, step = checkpoint_lib.load_params(init_from)
+  try:
+    params, batch_stats, step = checkpoint_lib.load_params(init_from)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"config.init_from: {e}") from None
   if seeds.stacked and _lacks_seed_axis(params, state.params):
     every_seed = lambda x: np.broadcast_to(x, (len(seeds.values),) + x.shape)
     params = jax.tree.map(every_seed, params)

@@ -83,7 +83,7 @@ def test_load_params_for_warm_start(tmp_path):
   with pytest.raises(ValueError, match=r"parameter \['w'\] has shape"):
     checkpoint_lib.check_same_structure(params, {"w": np.zeros((2, 2))},
                                         "init_from")
-  with pytest.raises(FileNotFoundError, match="no checkpoint found"):
+  with pytest.raises(FileNotFoundError, match="No checkpoint found in .*nothing"):
     checkpoint_lib.load_params(str(tmp_path / "nothing"))
 
 
