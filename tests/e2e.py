@@ -1,6 +1,7 @@
 """Shared by the end-to-end tests (and ``tests/stress``): a small
 ``mm_shapes/simple``, a small model, and the command that trains it."""
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -28,6 +29,29 @@ def build_small_mm_shapes(data_dir: str, splits=None) -> str:
   builder.SPLIT_SIZES = splits or SMALL_SPLITS  # Later readers: prepared.
   builder.download_and_prepare(file_format="array_record")
   return data_dir
+
+
+def load_experiment(name: str = "mm_shapes"):
+  """The module of ``experiments/<name>.py`` (``.get_config(arg)``)."""
+  path = os.path.join(ROOT, "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def small_config(data_dir: str, **overrides):
+  """The config ``command`` runs, in process: runlocal mm_shapes on
+  ``data_dir`` with ``SMALL_MODEL``, then ``overrides`` (``{"a.b": value}``)."""
+  config = load_experiment("mm_shapes").get_config("runlocal")
+  config.dataset.data_dir = data_dir
+  for key, value in {**SMALL_MODEL, **overrides}.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
 
 
 def flags(overrides: dict) -> list[str]:

@@ -1,6 +1,5 @@
 """Experiment files and config validation: bad input fails early and clearly."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,16 +7,9 @@ import sys
 import pytest
 
 from mmjax import config_lib
+from e2e import load_experiment  # pylint: disable=unused-import (re-exported)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_experiment(name="mm_shapes"):
-  path = os.path.join(ROOT, "experiments", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture

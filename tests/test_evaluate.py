@@ -18,7 +18,6 @@ from mmjax import metrics as metrics_lib
 from mmjax import evaluate
 from mmjax import train
 from mmjax.data import pipeline
-from test_config import load_experiment
 
 import e2e
 
@@ -83,17 +82,9 @@ def test_metric_names_are_what_evaluation_returns():
 
 def _config(data_dir, **overrides):
   """The small runlocal mm_shapes model, validating every 2 steps."""
-  config = load_experiment("mm_shapes").get_config("runlocal")
-  config.dataset.data_dir = data_dir
-  config.train.update(steps=8, eval_every_steps=2)
-  config.checkpoint.keep_best = "validation/accuracy"
-  for key, value in {**e2e.SMALL_MODEL, **overrides}.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return e2e.small_config(data_dir, **{
+      "train.steps": 8, "train.eval_every_steps": 2,
+      "checkpoint.keep_best": "validation/accuracy", **overrides})
 
 
 def test_keep_best_names_a_metric_the_run_evaluates(data_dir):

@@ -21,7 +21,6 @@ from mmjax import parallel
 from mmjax import steps
 from mmjax import train
 from mmjax.data import pipeline
-from test_config import load_experiment
 
 import e2e
 import test_parallel
@@ -32,20 +31,11 @@ SEEDS = 2
 def _config(data_dir, **overrides):
   """The small runlocal mm_shapes model, with dropout so that the seeds'
   random streams matter, and threefry, whose draws under ``vmap`` equal the
-  unbatched ones."""
-  config = load_experiment("mm_shapes").get_config("runlocal")
-  config.dataset.data_dir = data_dir
-  config.rng_impl = "threefry2x32"
-  config.model.heads.answer.dropout = 0.1
-  # Each seed keeps its own best checkpoint (test_results_... below).
-  config.checkpoint.keep_best = "validation/loss"
-  for key, value in {**e2e.SMALL_MODEL, **overrides}.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  unbatched ones; each seed keeps its own best checkpoint
+  (test_results_... below)."""
+  return e2e.small_config(data_dir, **{
+      "rng_impl": "threefry2x32", "model.heads.answer.dropout": 0.1,
+      "checkpoint.keep_best": "validation/loss", **overrides})
 
 
 @pytest.fixture(autouse=True)
@@ -235,7 +225,7 @@ def test_num_seeds_and_seeds_program_are_validated(data_dir):
 
 
 def test_a_saved_config_without_num_seeds_resumes_as_one_seed():
-  config = load_experiment("mm_shapes").get_config("runlocal").to_dict()
+  config = e2e.load_experiment("mm_shapes").get_config("runlocal").to_dict()
   saved = json.loads(json.dumps(config))
   for added in ("num_seeds", "seeds_share_data", "seeds_program"):
     del saved["train"][added]
