@@ -173,12 +173,20 @@ def load(workdir: str, checkpoint: Checkpoint = "best",
       or a step.
     seed: for a run of several seeds, which one (default: the first).
   """
+  config, vocabularies, model = _run_model(workdir)
+  variables, step = restore_variables(workdir, config, checkpoint, seed)
+  return config, Predictor(config, model, vocabularies, variables, step)
+
+
+def _run_model(workdir: str) -> tuple[ml_collections.ConfigDict,
+                                      dict[str, Vocabulary],
+                                      models.MultimodalModel]:
+  """The run's config, its saved vocabularies and its (unbound) model."""
   config = run_config(workdir)
   vocabularies = _vocabularies(workdir, config)
   model = train.model_of(config, vocabularies, pipeline.ensure_prepared(config),
                          axis_name=None)
-  variables, step = restore_variables(workdir, config, checkpoint, seed)
-  return config, Predictor(config, model, vocabularies, variables, step)
+  return config, vocabularies, model
 
 
 def _vocabularies(workdir: str,
@@ -186,7 +194,7 @@ def _vocabularies(workdir: str,
   """The run's saved vocabularies (never rebuilt: ids must match training)."""
   vocabularies = {}
   for key in pipeline.text_keys(config):
-    path = os.path.join(workdir, "vocab", f"{key}.json")
+    path = pipeline.vocabulary_path(workdir, key)
     if not os.path.exists(path):
       raise FileNotFoundError(f"The run's vocabulary {path} is missing; it is "
                               "written when training starts.")
@@ -208,14 +216,11 @@ def evaluate_run(workdir: str, checkpoint: Checkpoint = "best",
   effective robustness against the curves in ``robustness_reference``'s
   ``evaluation.json``, and its plots in the workdir.
   """
-  config = run_config(workdir)
+  config, vocabularies, model = _run_model(workdir)
   robustness_split = splits[0] if splits else "test"
   reference = (robustness_lib.read_reference(robustness_reference)
                if robustness and robustness_reference else None)
   splits = tuple(splits or config.dataset.eval_splits)
-  vocabularies = _vocabularies(workdir, config)
-  model = train.model_of(config, vocabularies, pipeline.ensure_prepared(config),
-                         axis_name=None)
   eval_step = jax.jit(functools.partial(
       steps.eval_step, model=model,
       targets=losses.head_targets(config.model.heads), axis_name=None,
@@ -230,10 +235,8 @@ def evaluate_run(workdir: str, checkpoint: Checkpoint = "best",
     states.append(state)
     results = {"seed": seed, "step": step}
     for split in splits:
-      total = None
-      for batch in pipeline.eval_batches(config, split, vocabularies):
-        total = metrics_lib.add_sums(total, eval_step(state, batch))
-      results[split] = metrics_lib.sums_to_means(total)
+      results[split] = metrics_lib.sums_to_means(train.eval_sums(
+          eval_step, state, config, split, vocabularies))
     per_seed.append(results)
   evaluation = {
       "checkpoint": checkpoint,

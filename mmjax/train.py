@@ -80,12 +80,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   host_state, seeds = trainer.host_state, trainer.seeds
   num_params = models.count_params(host_state.params) // len(seeds.values)
 
+  saved_config = config.to_dict()  # What every checkpoint stores.
+
   def evaluate(state, split: str) -> list[dict[str, float]]:
     """Each seed's mean metrics on ``split``."""
-    total = None
-    for batch in pipeline.eval_batches(config, split, vocabularies):
-      sums = trainer.eval_step(state, dp.shard_batch(batch))
-      total = metrics_lib.add_sums(total, sums)
+    total = eval_sums(trainer.eval_step, state, config, split, vocabularies,
+                      place=dp.shard_batch)
     return [metrics_lib.sums_to_means(metrics_lib.seed_slice(total, i))
             for i in seeds.indices]
 
@@ -128,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         dynamic_ncols=True, desc="train"))
 
     def save(step: int) -> None:
-      checkpointer.save(step, dp.host_copy(state), config.to_dict())
+      checkpointer.save(step, dp.host_copy(state), saved_config)
 
     def keep_best_states(step: int, validation: list[dict[str, float]]) -> None:
       """Saves the state of each seed whose ``keep_best`` metric improved."""
@@ -141,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           if not host:
             host.append(dp.host_copy(state))
           return _seed_state(host[0], index)
-        best.update(step, means[metric], seed_state, config.to_dict())
+        best.update(step, means[metric], seed_state, saved_config)
 
     meter = _Throughput(start_step, config.input.batch_size)
     pending: list[dict[str, Any]] = []
@@ -210,6 +210,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     write_json(os.path.join(workdir, "results.json"), results)
   print(_summary(results), flush=True)
   return results
+
+
+def eval_sums(eval_step: Callable[[Any, Any], dict[str, Any]], state: Any,
+              config: ml_collections.ConfigDict, split: str,
+              vocabularies: dict[str, Vocabulary], *,
+              place: Callable[[Any], Any] = lambda batch: batch
+              ) -> dict[str, np.ndarray]:
+  """``eval_step``'s metric sums over every batch of ``split``
+  (``metrics.sums_to_means`` gives the means); ``place`` puts each host
+  batch where the step reads it (e.g. ``DataParallel.shard_batch``)."""
+  total = None
+  for batch in pipeline.eval_batches(config, split, vocabularies):
+    total = metrics_lib.add_sums(total, eval_step(state, place(batch)))
+  return total
 
 
 def _seed_state(host_state: steps.TrainState,

@@ -154,7 +154,7 @@ def load_or_build_vocabularies(config: ml_collections.ConfigDict,
   """
   vocabularies = {}
   for key in text_keys(config):
-    path = os.path.join(workdir, "vocab", f"{key}.json")
+    path = vocabulary_path(workdir, key)
     if os.path.exists(path):
       vocabularies[key] = Vocabulary.load(path)
       continue
@@ -162,6 +162,11 @@ def load_or_build_vocabularies(config: ml_collections.ConfigDict,
     if jax.process_index() == 0:
       vocabularies[key].save(path)
   return vocabularies
+
+
+def vocabulary_path(workdir: str, key: str) -> str:
+  """Where a run keeps field ``key``'s vocabulary."""
+  return os.path.join(workdir, "vocab", f"{key}.json")
 
 
 def build_vocabulary(config: ml_collections.ConfigDict, key: str) -> Vocabulary:
