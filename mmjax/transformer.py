@@ -179,6 +179,34 @@ class PositionEmbedding(nn.Module):
     return x_BxNxD + table_1xNxD
 
 
+def posemb_sincos_2d(height: int, width: int, dim: int,
+                     temperature: float = 10_000.) -> jax.Array:
+  """Fixed 2-D sin-cos position code of a ``height x width`` grid, flattened
+  row-major as ``as_sequence`` flattens a feature map: ``[height * width,
+  dim]``, float32.
+
+  big_vision's ``posemb_sincos_2d`` (the position embedding of Chen, Xie & He
+  2021, "An Empirical Study of Training Self-Supervised Vision Transformers",
+  arXiv:2104.02057, and of Beyer, Zhai & Kolesnikov 2022, "Better plain ViT
+  baselines for ImageNet-1k", arXiv:2205.01580): a quarter of the features
+  each are ``sin(x w_k)``, ``cos(x w_k)``, ``sin(y w_k)`` and ``cos(y w_k)``
+  for column ``x``, row ``y`` and ``dim / 4`` frequencies ``w_k`` from 1 down
+  to ``1 / temperature``, geometrically spaced. Every feature lies in [-1,
+  1]: the code is of the order of unit-scale token features, not small next
+  to them.
+  """
+  if dim % 4:
+    raise ValueError(f"posemb_sincos_2d needs a width divisible by 4; got "
+                     f"dim={dim}.")
+  quarter = dim // 4
+  omega_K = 1. / temperature**(jnp.arange(quarter) / max(quarter - 1, 1))
+  y_HxW, x_HxW = jnp.mgrid[:height, :width]
+  y_NxK = y_HxW.reshape(-1, 1) * omega_K[None]
+  x_NxK = x_HxW.reshape(-1, 1) * omega_K[None]
+  return jnp.concatenate([jnp.sin(x_NxK), jnp.cos(x_NxK), jnp.sin(y_NxK),
+                          jnp.cos(y_NxK)], axis=1).astype(jnp.float32)
+
+
 def as_sequence(tokens: jax.Array) -> jax.Array:
   """Flattens a feature map ``[batch, h, w, c]`` to ``[batch, h*w, c]``;
   passes ``[batch, time, dim]`` through."""

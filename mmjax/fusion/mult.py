@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.attention import TokenEmbedding, check_attention_config
+from mmjax.fusion.attention import (TokenEmbedding, check_attention_config,
+                                    feature_map_grids)
 from mmjax.fusion.inputs import check_multimodal, token_sequences
 from mmjax.registry import FUSIONS
 from mmjax.transformer import Transformer, TransformerLayer, masked_mean
@@ -25,8 +26,9 @@ class MulTFusion(nn.Module):
 
   1. Each modality's tokens (feature maps flattened to ``[batch, h*w, c]``)
      are projected to ``dim`` by a bias-free ``Dense`` (the paper's kernel-1
-     ``Conv1D``) plus a learned position embedding (the paper's is
-     sinusoidal); see ``TokenEmbedding``.
+     ``Conv1D``) plus a learned position embedding (the paper's is a 1-D
+     sinusoid) and, for feature maps, a fixed 2-D sin-cos code of each
+     token's row and column; see ``TokenEmbedding``.
   2. For every ordered pair, target ``t`` and source ``s != t``, a stack of
      ``num_layers`` cross-modal layers: ``t``'s tokens query ``s``'s projected
      tokens (the same low-level ``s`` in every layer, as in the paper), with
@@ -58,6 +60,8 @@ class MulTFusion(nn.Module):
     mlp_dim: MLP hidden width in every layer.
     dropout: dropout rate in the layers.
     max_len: the most tokens one modality may have.
+    sincos_2d: add a fixed 2-D sin-cos code to feature-map tokens (see
+      ``TokenEmbedding``); ``dim`` must then be a multiple of 4.
     dtype: compute dtype; parameters stay float32.
   """
   dim: int = 64
@@ -67,6 +71,7 @@ class MulTFusion(nn.Module):
   mlp_dim: int = 128
   dropout: float = 0.0
   max_len: int = 256
+  sincos_2d: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -82,8 +87,9 @@ class MulTFusion(nn.Module):
       raise ValueError(f"mult fusion needs self_layers >= 0; got "
                        f"{self.self_layers}.")
     xs = TokenEmbedding(self.dim, self.max_len, modality_embedding=False,
-                        dtype=self.dtype, name="embed")(
-                            token_sequences(encodings, "mult"))
+                        sincos_2d=self.sincos_2d, dtype=self.dtype,
+                        name="embed")(token_sequences(encodings, "mult"),
+                                      feature_map_grids(encodings))
     pooled = []
     for t, (x_BxNxD, mask_BxN) in xs.items():
       streams = []
