@@ -15,7 +15,7 @@ batches. Progress goes to stderr; stdout gets one JSON line::
      "num_seeds", "examples_per_sec", "examples_per_sec_per_seed",
      "ms_per_step", "compile_seconds", "flops_per_step", "achieved_gflops",
      "matmul_gflops", "fraction_of_matmul", "pipeline_examples_per_sec",
-     "peak_memory_bytes"}
+     "train_step_peak_bytes", "peak_memory_bytes"}
 
 with null where a value is unknown. With ``--config.train.num_seeds=K`` a
 step trains K seeds on a batch each: ``examples_per_sec`` counts every
@@ -28,7 +28,9 @@ matmul on one device (``MATMUL_SIZE``), and ``fraction_of_matmul`` compares
 the step's rate per device with it (understated on devices simulated on one
 CPU, which share its cores). ``pipeline_examples_per_sec`` counts this
 process's part of the batches, and every seed's examples they feed.
-``peak_memory_bytes`` is null on CPU, whose devices keep no statistics.
+``train_step_peak_bytes`` is XLA's buffer peak of one device's compiled step;
+``peak_memory_bytes``, the devices' own statistic, is null on CPU, whose
+devices keep none (``mmjax.complexity``).
 
 The reference experiments (AV-MNIST late fusion at batch 40 and 256, tensor,
 low-rank and FiLM fusion, the first building the dataset once, ~2 min; the
@@ -68,6 +70,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
+from mmjax import complexity
 from mmjax import config_lib
 from mmjax import parallel
 from mmjax import train
@@ -108,7 +111,7 @@ def benchmark(config: ml_collections.ConfigDict, experiment: str, *,
   step = measure_step(trainer.train_step, dp.replicate(trainer.host_state),
                       dp.shard_batch(trainer.train_batches[0]), steps=steps,
                       warmup=warmup, repeats=repeats)
-  peak_memory = peak_memory_bytes(dp.local_devices[0])  # Before the matmul.
+  peak_memory = complexity.peak_memory_bytes(dp.local_devices)  # Not matmul's.
   _progress("Timing a float32 matmul...")
   matmul = matmul_gflops(MATMUL_SIZE.get(jax.default_backend(),
                                          MATMUL_SIZE_ACCELERATOR))
@@ -139,6 +142,7 @@ def benchmark(config: ml_collections.ConfigDict, experiment: str, *,
       "fraction_of_matmul": (None if achieved is None
                              else achieved / dp.num_devices / matmul),
       "pipeline_examples_per_sec": pipeline_rate,
+      "train_step_peak_bytes": step.device_peak_bytes,
       "peak_memory_bytes": peak_memory,
   }
 
@@ -161,10 +165,12 @@ class StepMeasurement:
     compile_seconds: tracing, lowering and compiling the step.
     seconds: per step, the median of the timed runs.
     device_flops: XLA's count for one device's program, or None.
+    device_peak_bytes: XLA's buffer peak of one device's program, or None.
   """
   compile_seconds: float
   seconds: float
   device_flops: float | None
+  device_peak_bytes: int | None
 
 
 def measure_step(step: Callable[[Any, Any], tuple[Any, Any]], state: Any,
@@ -175,13 +181,13 @@ def measure_step(step: Callable[[Any, Any], tuple[Any, Any]], state: Any,
 
   ``state`` is donated: do not use it afterwards.
   """
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()  # Calls reuse it.
-  compile_seconds = time.perf_counter() - start
+  compiled = complexity.compile_ahead(step, state, batch)  # Calls reuse it.
   seconds = seconds_per_step(step, state, batch, steps=steps, warmup=warmup,
                              repeats=repeats)
-  return StepMeasurement(compile_seconds=compile_seconds, seconds=seconds,
-                         device_flops=flops_of(compiled))
+  return StepMeasurement(
+      compile_seconds=compiled.seconds, seconds=seconds,
+      device_flops=complexity.flops_of(compiled.program),
+      device_peak_bytes=complexity.program_peak_bytes(compiled.program))
 
 
 def seconds_per_step(step: Callable[[Any, Any], tuple[Any, Any]], state: Any,
@@ -203,27 +209,6 @@ def seconds_per_step(step: Callable[[Any, Any], tuple[Any, Any]], state: Any,
     jax.block_until_ready(state)
     runs.append((time.perf_counter() - start) / steps)
   return statistics.median(runs)
-
-
-def flops_of(compiled) -> float | None:
-  """XLA's count of the floating-point operations of one run of ``compiled``
-  (a ``jax.stages.Compiled``), or None where the backend gives none.
-
-  ``cost_analysis()`` is a dict in recent jax and a list of one dict per HLO
-  module in older versions.
-  """
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, dict):
-    analysis = [analysis]
-  flops = sum(module.get("flops", 0.0) for module in analysis or [])
-  return float(flops) if flops > 0 else None
-
-
-def peak_memory_bytes(device: jax.Device) -> int | None:
-  """The most bytes ``device`` has held so far, or None where the backend
-  keeps no statistics (CPU)."""
-  stats = device.memory_stats()
-  return (stats or {}).get("peak_bytes_in_use")
 
 
 def matmul_gflops(size: int, runs: int = 5) -> float:

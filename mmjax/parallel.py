@@ -178,11 +178,17 @@ class DataParallel:
 
   def eval_step(self, step_fn: Callable[..., PyTree]
                 ) -> Callable[[PyTree, PyTree], PyTree]:
-    """``step_fn(state, batch, axis_name=...) -> sums`` over all devices."""
+    """``step_fn(state, batch, axis_name=...) -> sums`` over all devices,
+    with ``.lower(state, batch)`` as ``train_step``'s."""
     per_device = lambda state, batch: step_fn(state, batch, axis_name=AXIS)
     if self.backend == "shard_map":
       return jax.jit(jax.shard_map(per_device, mesh=self.mesh,
                                    in_specs=(P(), P(AXIS)), out_specs=P(),
                                    check_vma=False))
     pmapped = jax.pmap(per_device, axis_name=AXIS, devices=self.devices)
-    return lambda state, batch: self.unreplicate(pmapped(state, batch))
+
+    def step(state, batch):
+      return self.unreplicate(pmapped(state, batch))
+
+    step.lower = pmapped.lower
+    return step

@@ -176,24 +176,60 @@ def grouped_results(variants: Sequence[Variant], workdir: str
 
 def report(variants: Sequence[Variant], workdir: str,
            split: str = "test") -> str:
-  """A markdown table: one row per group, in sweep order."""
+  """A markdown table: one row per group, in sweep order, with each group's
+  cost (``mmjax.complexity``): FLOPs per example to train and to infer,
+  compile seconds of both steps, XLA's memory peak of the train step, steady
+  examples/s and training time (means over the group's runs)."""
   groups = grouped_results(variants, workdir)
-  rows = [f"| variant | {split} accuracy | runs | parameters | examples/s | "
-          "train time |", "|---|---|---|---|---|---|"]
+  rows = [f"| variant | {split} accuracy | runs | parameters | train FLOPs/ex "
+          "| inference FLOPs/ex | compile s | step memory | examples/s | "
+          "train time |", "|---|---|---|---|---|---|---|---|---|---|"]
   for group, results in groups.items():
     done = [r for r in results if r is not None]
     if not done:
-      rows.append(f"| {group} | not run | 0/{len(results)} | | | |")
+      rows.append(f"| {group} | not run | 0/{len(results)} |" + " |" * 7)
       continue
     accuracy = [r[split]["accuracy"] for r in done]
     mean = statistics.mean(accuracy)
     spread = (f" ± {statistics.stdev(accuracy):.3f}" if len(done) > 1 else "")
+    costs = [r.get("complexity", {}) for r in done]
+    cost = lambda key: _mean_of([c.get(key) for c in costs])
+    compile_seconds = _mean_of([
+        c["train_compile_seconds"] + c["eval_compile_seconds"] for c in costs
+        if "train_compile_seconds" in c])
     speed = statistics.mean(r["examples_per_sec"] for r in done)
     minutes = statistics.mean(r["train_seconds"] for r in done) / 60
-    rows.append(f"| {group} | {mean:.3f}{spread} | {len(done)}/{len(results)} "
-                f"| {done[0]['num_params']:,} | {speed:,.0f} | "
-                f"{minutes:.1f} min |")
+    rows.append(
+        f"| {group} | {mean:.3f}{spread} | {len(done)}/{len(results)} "
+        f"| {done[0]['num_params']:,} "
+        f"| {_scaled(cost('train_flops_per_example'))} "
+        f"| {_scaled(cost('inference_flops_per_example'))} "
+        f"| {_scaled(compile_seconds, '.0f')} "
+        f"| {_scaled(cost('train_step_peak_bytes'), binary=True)} "
+        f"| {speed:,.0f} | {minutes:.1f} min |")
   return "\n".join(rows)
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+  """The mean of the known values; None if none is known (runs made before
+  they were recorded, or baselines without them)."""
+  known = [v for v in values if v is not None]
+  return statistics.mean(known) if known else None
+
+
+def _scaled(value: float | None, spec: str = ".3g",
+            binary: bool = False) -> str:
+  """``12_300_000`` -> ``"12.3M"`` (``binary``: bytes, ``"11.7 MiB"``);
+  ``"–"`` for None."""
+  if value is None:
+    return "–"
+  base, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (
+      1000, ("", "k", "M", "G", "T"))
+  unit = 0
+  while abs(value) >= base and unit < len(units) - 1:
+    value, unit = value / base, unit + 1
+  separator = " " if binary else ""
+  return f"{value:{spec}}{separator}{units[unit]}"
 
 
 def plot(variants: Sequence[Variant], workdir: str, path: str,

@@ -6,7 +6,9 @@ restore the newest checkpoint of ``workdir`` (or warm-start from
 checkpoints. Running the same command again on the same workdir resumes.
 
 What a run writes in ``workdir``: ``config.json``, ``metrics.jsonl``,
-``results.json`` (at the end), ``checkpoints/``, ``tb/`` and ``vocab/``; with
+``results.json`` (at the end, with the run's cost in ``"complexity"``: FLOPs
+per example, compile seconds and memory, see ``mmjax.complexity``),
+``checkpoints/``, ``tb/`` and ``vocab/``; with
 ``config.checkpoint.keep_best`` also ``best_checkpoint/``, and ``results.json``
 gains ``"best"``: the best step, its metric value and every eval split's
 metrics at that step (the top-level splits stay the last step's).
@@ -39,6 +41,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from mmjax import checkpoint as checkpoint_lib
+from mmjax import complexity
 from mmjax import config_lib
 from mmjax import losses
 from mmjax import metrics as metrics_lib
@@ -118,6 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         host_state = _warm_start(host_state, config.init_from, seeds)
     state = dp.replicate(host_state)
     del host_state
+    programs = compile_steps(trainer, dp, state, config, vocabularies)
     copies = (f" x {len(seeds.values)} seeds ({seeds.describe()})"
               if seeds.stacked else "")
     print(f"Training {num_params:,} parameters{copies} on {dp.num_devices} "
@@ -189,12 +193,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if bests:
       keep_best_states(step, finals["validation"])
       at_best = _evaluate_best(bests, finals, step, trainer, dp, evaluate)
+    costs = complexity_of(programs, dp, config, len(seeds.values))
     per_seed = []
     for i, writer in enumerate(writers):
       seed_results = {split: means[i] for split, means in finals.items()}
       for split, means in seed_results.items():
         writer.write(step, split, means)
-      seed_results.update(steps=step, num_params=num_params, **meter.summary())
+      seed_results.update(steps=step, num_params=num_params,
+                          complexity=costs, **meter.summary())
       if bests:
         seed_results["best"] = dict(bests[i].record, **{
             split: means[i] for split, means in at_best.items()})
@@ -224,6 +230,38 @@ def eval_sums(eval_step: Callable[[Any, Any], dict[str, Any]], state: Any,
   for batch in pipeline.eval_batches(config, split, vocabularies):
     total = metrics_lib.add_sums(total, eval_step(state, place(batch)))
   return total
+
+
+def compile_steps(trainer: "Trainer", dp: parallel.DataParallel, state: Any,
+                  config: ml_collections.ConfigDict,
+                  vocabularies: dict[str, Vocabulary]
+                  ) -> tuple[complexity.CompiledStep, complexity.CompiledStep]:
+  """Compiles the train and eval steps ahead of time for the run's batch
+  shapes (the first batches'), so that their FLOPs and compile seconds are
+  known; the loop's calls reuse the programs."""
+  split = config.dataset.eval_splits[0]
+  with contextlib.closing(pipeline.eval_batches(config, split,
+                                                vocabularies)) as batches:
+    eval_batch = dp.shard_batch(next(batches))
+  return (complexity.compile_ahead(trainer.train_step, state,
+                                   dp.shard_batch(trainer.train_batches[0])),
+          complexity.compile_ahead(trainer.eval_step, state, eval_batch))
+
+
+def complexity_of(programs: tuple[complexity.CompiledStep,
+                                 complexity.CompiledStep],
+                  dp: parallel.DataParallel, config: ml_collections.ConfigDict,
+                  num_seeds: int) -> dict[str, Any]:
+  """``results.json``'s ``"complexity"``: each program's FLOPs per example of
+  one seed (a device's share of the global batch, times the seeds the program
+  trains), compile seconds and memory (``mmjax.complexity``)."""
+  train_program, eval_program = programs
+  per_device = lambda global_batch: global_batch // dp.num_devices * num_seeds
+  return complexity.report(
+      train_program, eval_program,
+      train_examples=per_device(config.input.batch_size),
+      eval_examples=per_device(config.eval.batch_size),
+      devices=dp.local_devices)
 
 
 def _seed_state(host_state: steps.TrainState,
@@ -317,6 +355,7 @@ def combine_seeds(per_seed: list[dict[str, Any]], seeds: Seeds,
       num_seeds=len(seeds.values), seeds=list(seeds.values),
       seeds_share_data=seeds.share_data, per_seed=per_seed,
       steps=first["steps"], num_params=first["num_params"],
+      complexity=first["complexity"],
       train_seconds=first["train_seconds"],
       examples_per_sec=first["examples_per_sec"] * len(seeds.values),
       examples_per_sec_per_seed=first["examples_per_sec"])

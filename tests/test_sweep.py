@@ -101,14 +101,18 @@ def test_command_and_report(tmp_path):
   assert cmd[3:] == ["--config=experiments/mm_shapes.py:fusion=concat",
                      f"--workdir={tmp_path}/a_s0", "--config.seed=0",
                      "--config.x.y=(1, 2)"]
-  for name, accuracy in (("a_s0", 0.5), ("a_s1", 0.7)):
+  for name, accuracy, flops in (("a_s0", 0.5, 3.0e6), ("a_s1", 0.7, 3.2e6)):
     os.makedirs(tmp_path / name)
     (tmp_path / name / "results.json").write_text(json.dumps(dict(
         test=dict(accuracy=accuracy), examples_per_sec=100.0,
-        train_seconds=120.0, num_params=1234)))
+        train_seconds=120.0, num_params=1234, complexity=dict(
+            train_flops_per_example=flops, inference_flops_per_example=1.1e6,
+            train_compile_seconds=10.0, eval_compile_seconds=3.0,
+            train_step_peak_bytes=3 * 2**20, peak_memory_bytes=None))))
   table = sweep.report(variants, str(tmp_path)).splitlines()
-  assert table[2] == "| a | 0.600 ± 0.141 | 2/2 | 1,234 | 100 | 2.0 min |"
-  assert table[3] == "| b | not run | 0/1 | | | |"
+  assert table[2] == ("| a | 0.600 ± 0.141 | 2/2 | 1,234 | 3.1M | 1.1M | 13 "
+                      "| 3 MiB | 100 | 2.0 min |")
+  assert table[3] == "| b | not run | 0/1 |" + " |" * 7
   sweep.plot(variants, str(tmp_path), str(tmp_path / "report.png"))
   assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
   # Finished variants are skipped, so a sweep resumes where it stopped.
@@ -143,8 +147,10 @@ def test_a_variant_of_several_seeds_counts_as_its_seeds(tmp_path):
       num_params=1234)))
   table = sweep.report([three, single, waiting], str(tmp_path)).splitlines()
   # Four seeds: 0.5, 0.6, 0.7 (one program) and 0.8 (a separate run).
-  assert table[2] == "| a | 0.650 ± 0.129 | 4/4 | 1,234 | 100 | 1.0 min |"
-  assert table[3] == "| b | not run | 0/2 | | | |"
+  # Results without "complexity" (runs from before it was recorded).
+  assert table[2] == ("| a | 0.650 ± 0.129 | 4/4 | 1,234 | – | – | – | – | "
+                      "100 | 1.0 min |")
+  assert table[3] == "| b | not run | 0/2 |" + " |" * 7
 
 
 # Running sweeps. ``run_sweep`` starts each variant as ``python -m mmjax.main``;
@@ -257,7 +263,7 @@ def test_sweep_runs_the_named_variants_past_a_failed_one_and_reports_it(
   # The table has the --only variants, in sweep order: broken, not run, and
   # image (image_seed1, of the same group, is left out).
   report = _read(workdir, "report.md").splitlines()
-  assert report[2] == "| broken | not run | 0/1 | | | |"
+  assert report[2] == "| broken | not run | 0/1 |" + " |" * 7
   assert report[3].startswith(
       f"| image | {results['test']['accuracy']:.3f} | 1/1 | ")
   assert len(report) == 4

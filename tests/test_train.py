@@ -54,6 +54,12 @@ def test_runlocal_writes_the_workdir_contract(runlocal, data_dir):
   results = json.loads((workdir / "results.json").read_text())
   assert results["steps"] == 6 and results["num_params"] > 0
   assert results["train_seconds"] > 0 and results["examples_per_sec"] > 0
+  costs = results["complexity"]
+  assert (costs["train_flops_per_example"] >
+          costs["inference_flops_per_example"] > 0)
+  assert costs["train_compile_seconds"] > 0 and costs["eval_compile_seconds"] > 0
+  assert costs["train_step_peak_bytes"] > 0
+  assert costs["peak_memory_bytes"] is None  # CPU keeps no statistics.
   for split in ("validation", "test"):
     assert 0.0 <= results[split]["accuracy"] <= 1.0
     assert np.isfinite(results[split]["loss"])
