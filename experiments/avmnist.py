@@ -19,6 +19,9 @@ Variants, as ``--config=experiments/avmnist.py:<arg>,<arg>``:
   modalities=image    unimodal baselines (also =audio)
   snr=snr_m10db       the dataset config: the noise level of the audio
   epochs=30           training length (MultiBench: 30)
+  svm                 the classical baseline instead of a network: an RBF
+                      SVM on the standardised pixels and spectrogram
+                      (mmjax/svm.py, SVM)
   seed=0
   runlocal            a few steps on small batches, for tests and CI
 """
@@ -56,10 +59,20 @@ FUSIONS = {
 TOKEN_BLOCKS = {"image": 2, "audio": 3}
 LENET_BLOCKS = {"image": 3, "audio": 5}  # 48-d and 192-d at 28 and 112 px.
 
+# The SVM baseline (mmjax/svm.py): one SVM on the image (784 pixels) and the
+# spectrogram (12,544) concatenated, C x gamma (factors of scikit-learn's
+# "scale") chosen on validation. On 10,000 of the 55,000 train examples the
+# whole run takes 2.4 minutes on the 2-core CPU machine (grid search 92 s,
+# the chosen fit 22 s; 4.4 minutes beside other work; test accuracy 0.808);
+# the kernel matrix grows with the square of the examples (10,000: 0.8 GB).
+SVM = dict(features="concat", max_train_examples=10_000,
+           C=(1.0, 10.0, 100.0, 1000.0), gamma_factors=(0.01, 0.1, 1.0))
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, fusion="concat", modalities=("image", "audio"),
-                             snr="snr_m10db", epochs=30, seed=0, runlocal=False)
+                             snr="snr_m10db", epochs=30, seed=0, svm=False,
+                             runlocal=False)
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
   config.rng_impl = "rbg"
@@ -119,10 +132,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            async_save=True, keep_best="validation/accuracy",
                            best_mode="auto")
   config.parallel = dict(backend="pmap")
+  if arg.svm:
+    config.svm = SVM
 
   if arg.runlocal:
     config.input.batch_size = 8
     config.train.update(steps=6, log_every_steps=2, eval_every_steps=4)
     config.checkpoint.every_steps = 3
     config.eval.batch_size = 16
+    if arg.svm:
+      config.svm.update(max_train_examples=1000, C=(10.0, 100.0),
+                        gamma_factors=(0.1, 1.0))
   return config

@@ -15,6 +15,9 @@ Variants, as ``--config=experiments/mm_shapes.py:<arg>,<arg>``:
   modalities=image          unimodal baselines (also =question); a single
                             modality is fused with ``concat``
   dataset=relational        3-6 objects and relational questions
+  svm                       the classical baseline instead of a network: an
+                            RBF SVM on the standardised pixels and the
+                            question's bag of words (mmjax/svm.py, SVM)
   runlocal                  a few steps on small batches, for tests and CI
 
 Any field can be overridden, e.g. ``--config.train.steps=500``.
@@ -56,10 +59,19 @@ FUSIONS = {
                 n_bottlenecks=4, num_heads=4, mlp_dim=128),
 }
 
+# The SVM baseline (mmjax/svm.py): one SVM on the image (3,072 pixels) and the
+# question's word counts concatenated, C x gamma (factors of scikit-learn's
+# "scale") chosen on validation, trained on 10,000 of the 60,000 train
+# examples: the kernel matrix grows with the square of the examples (10,000:
+# 0.8 GB). On relational the whole run takes 2.3 minutes on the 2-core CPU
+# machine (grid search 122 s, the chosen fit 15 s; test accuracy 0.433).
+SVM = dict(features="concat", max_train_examples=10_000,
+           C=(1.0, 10.0, 100.0, 1000.0), gamma_factors=(0.01, 0.1, 1.0))
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, fusion="film", modalities=IMAGE_AND_TEXT,
-                             dataset="simple", runlocal=False)
+                             dataset="simple", svm=False, runlocal=False)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.rng_impl = "rbg"  # jax_default_prng_impl: "rbg" or "threefry2x32".
@@ -116,10 +128,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint = dict(every_steps=500, max_to_keep=2, async_save=True,
                            keep_best="", best_mode="auto")
   config.parallel = dict(backend="pmap")
+  if arg.svm:
+    config.svm = SVM
 
   if arg.runlocal:
     config.input.batch_size = 16
     config.train.update(steps=6, log_every_steps=2, eval_every_steps=4)
     config.checkpoint.every_steps = 3
     config.eval.batch_size = 100
+    if arg.svm:
+      config.svm.update(max_train_examples=1000, C=(10.0, 100.0),
+                        gamma_factors=(0.1, 1.0))
   return config

@@ -6,6 +6,8 @@
 
 Any config field can be overridden with ``--config.a.b=value``. Running the
 same command again on the same workdir resumes from its newest checkpoint.
+A config with an ``svm`` section (``experiments/mm_shapes.py:svm``) fits the
+SVM baseline (``mmjax.svm``) instead of training.
 """
 
 from absl import app
@@ -25,9 +27,12 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes.
     logging.set_verbosity(logging.WARNING)
   from mmjax import parallel  # pylint: disable=g-import-not-at-top
+  from mmjax import svm  # pylint: disable=g-import-not-at-top
   from mmjax import train  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed()
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  run = (svm.train_and_evaluate if "svm" in _CONFIG.value
+         else train.train_and_evaluate)
+  run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

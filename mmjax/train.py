@@ -73,7 +73,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   jax.config.update("jax_default_prng_impl", config.rng_impl)
   is_chief = jax.process_index() == 0
   if is_chief:
-    _prepare_workdir(workdir, config)
+    prepare_workdir(workdir, config)
   _check_workdir_is_shared(workdir)
 
   dp = parallel.DataParallel(config.parallel.backend)
@@ -541,7 +541,7 @@ def prepare_dataset(config: ml_collections.ConfigDict
   return builder
 
 
-def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Creates ``workdir`` and writes ``config.json``, refusing to resume a
   run whose saved config differs in what it trains."""
   config_path = os.path.join(workdir, "config.json")

@@ -22,25 +22,25 @@ from test_config import load_experiment
 
 def test_resuming_with_a_different_model_is_refused(tmp_path):
   config = load_experiment().get_config("")
-  train._prepare_workdir(str(tmp_path), config)
+  train.prepare_workdir(str(tmp_path), config)
   changed = load_experiment().get_config("fusion=concat")
   with pytest.raises(ValueError, match=r"(?s)different config.*model\.fusion\.name: 'film' -> 'concat'.*allow_config_change=True"):
-    train._prepare_workdir(str(tmp_path), changed)
+    train.prepare_workdir(str(tmp_path), changed)
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["model"]["fusion"]["name"] == "film"  # Not overwritten.
   changed.allow_config_change = True
-  train._prepare_workdir(str(tmp_path), changed)
+  train.prepare_workdir(str(tmp_path), changed)
   assert json.loads((tmp_path / "config.json").read_text())[
       "model"]["fusion"]["name"] == "concat"
 
 
 def test_longer_training_and_other_logging_may_resume(tmp_path):
   config = load_experiment().get_config("")
-  train._prepare_workdir(str(tmp_path), config)
+  train.prepare_workdir(str(tmp_path), config)
   config.train.steps *= 2
   config.checkpoint.every_steps = 7
   config.parallel.backend = "shard_map"
-  train._prepare_workdir(str(tmp_path), config)
+  train.prepare_workdir(str(tmp_path), config)
 
 
 def test_config_changes_lists_every_difference():
@@ -55,7 +55,7 @@ def test_unwritable_workdir_is_named(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   with pytest.raises(OSError, match=r"Cannot write to workdir .*a_file/run.*writable --workdir"):
-    train._prepare_workdir(str(blocker / "run"), load_experiment().get_config(""))
+    train.prepare_workdir(str(blocker / "run"), load_experiment().get_config(""))
 
 
 def _checkpointer_with_step_1(directory, async_save):

@@ -10,7 +10,10 @@ with:
       --workdir=/tmp/mmjax/ablations/avmnist_fusion
 
 The dataset is built on first use from ``../shared/data/avmnist_raw`` (see
-``OVERRIDES``).
+``OVERRIDES``). ``svm`` is the classical baseline (``mmjax/svm.py``): an RBF
+SVM on the standardised pixels and spectrograms, fit on 10,000 train
+examples drawn with each seed (workdirs ``svm_seed<k>``), 2.5 minutes a
+run.
 
 ``EPOCHS`` is the budget: MultiBench trains 30 epochs. On the 2-core CPU
 machine a step of the audio LeNet runs at ~110 examples/s per core, so one
@@ -38,6 +41,11 @@ OVERRIDES = {"dataset.manual_dir": "../shared/data/avmnist_raw"}
 
 
 def get_sweep() -> list[dict]:
-  return [dict(name=name, arg=f"{arg},seed={SEEDS[0]},epochs={EPOCHS}",
-               overrides={**OVERRIDES, "train.num_seeds": len(SEEDS)})
-          for name, arg in EXPERIMENTS.items()]
+  networks = [dict(name=name, arg=f"{arg},seed={SEEDS[0]},epochs={EPOCHS}",
+                   overrides={**OVERRIDES, "train.num_seeds": len(SEEDS)})
+              for name, arg in EXPERIMENTS.items()]
+  # The classical baseline (mmjax/svm.py): one run per seed, which draws its
+  # 10,000 train examples; the group reports them together.
+  svms = [dict(name=f"svm_seed{seed}", group="svm", arg=f"svm,seed={seed}",
+               overrides=OVERRIDES) for seed in SEEDS]
+  return networks + svms

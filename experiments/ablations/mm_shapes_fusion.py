@@ -7,7 +7,10 @@ changes. Each is trained with seeds 0, 1 and 2 (initialisation and data
 order), and the table reports their mean and standard deviation: one seed's
 accuracy moves by several points. FiLM also runs with the paper's classifier
 (``film_paper``; the experiment's default flattens the feature map, see
-``experiments/mm_shapes.py``). Run, resume and tabulate with:
+``experiments/mm_shapes.py``). ``svm`` is the classical baseline
+(``mmjax/svm.py``): an RBF SVM on the standardised pixels and question
+words, fit on 10,000 train examples drawn with each seed. Run, resume and
+tabulate with:
 
   python -m mmjax.sweep --sweep=experiments/ablations/mm_shapes_fusion.py \
       --workdir=/tmp/mmjax/ablations/mm_shapes_fusion
@@ -39,6 +42,9 @@ def get_sweep() -> list[dict]:
        {"model.fusion.classifier": "paper"}),
       ("image_only", "modalities=image,dataset=relational", {}),
       ("question_only", "modalities=question,dataset=relational", {}),
+      # The classical baseline (mmjax/svm.py): the seed draws its 10,000
+      # train examples; it takes no steps, so OVERRIDES change nothing in it.
+      ("svm", "svm,dataset=relational", {}),
   ]
   return [dict(name=f"{method}_seed{seed}", group=method, arg=arg,
                overrides=dict(OVERRIDES, seed=seed, **overrides))
