@@ -1,7 +1,8 @@
 r"""AV-MNIST: digits from a degraded image and a noisy spoken digit.
 
-The dataset (``mmjax/data/avmnist.py``) is built once from the MNIST and FSDD
-archives in ``config.dataset.manual_dir``. The default is MultiBench's late
+The dataset (``mmjax/data/avmnist.py``) is built once from MNIST and FSDD as
+downloaded (the README's AV-MNIST section), or their numpy archives, in
+``config.dataset.manual_dir``. The default is MultiBench's late
 fusion recipe (Liang et al. 2021, arXiv:2107.07502,
 ``examples/multimedia/avmnist_simple_late_fusion.py``): LeNet image encoder
 (48-d) and LeNet spectrogram encoder (192-d), concatenated, MLP 240-100-10,

@@ -175,8 +175,10 @@ def _dataset_config(tmp_path, manual_dir):
 
 def test_pipeline_says_what_to_download_then_builds(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match=(
-      r"(?s)raw is missing or empty\..*mnist\.npz.*x_train.*fsdd\.npz.*"
-      r"free-spoken-digit-dataset.*offsets.*--config\.dataset\.manual_dir")):
+      r"(?s)raw is missing or empty\..*train-images-idx3-ubyte\.gz.*"
+      r"https://yann\.lecun\.com/exdb/mnist/.*"
+      r"free-spoken-digit-dataset/archive/.*recordings/.*mnist\.npz.*"
+      r"fsdd\.npz.*--config\.dataset\.manual_dir")):
     pipeline.ensure_prepared(_dataset_config(tmp_path, tmp_path / "raw"))
   monkeypatch.setattr(av.Avmnist, "SPLIT_SIZES",
                       {"train": 4, "validation": 2, "test": 2})
@@ -188,7 +190,7 @@ def test_pipeline_says_what_to_download_then_builds(tmp_path, monkeypatch):
 def test_a_missing_archive_is_named(tmp_path):
   (tmp_path / "mnist.npz").symlink_to(RAW / "mnist.npz")
   with pytest.raises(FileNotFoundError,
-                     match=r"(?s)needs .*fsdd\.npz.*Free Spoken Digit"):
+                     match=r"(?s)needs FSDD in .*fsdd\.npz.*Free Spoken Digit"):
     av.load_raw(str(tmp_path))
 
 

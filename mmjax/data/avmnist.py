@@ -54,6 +54,11 @@ configs differ only in the noise's scale, and the first N examples are the
 same whatever N is. ``checksum`` hashes examples; ``FULL_CHECKSUMS`` records
 full builds.
 
+The sources are read from ``manual_dir`` as distributed (MNIST's four idx
+files, FSDD's ``recordings/`` folder or the zip of its repository) or as the
+numpy archives ``mnist.npz`` and ``fsdd.npz``, the same arrays either way
+(``avmnist_sources``; ``MANUAL_DOWNLOAD_INSTRUCTIONS`` says what to download).
+
 Build and read, without TensorFlow::
 
   import tensorflow_datasets as tfds
@@ -82,31 +87,13 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-MANUAL_DOWNLOAD_INSTRUCTIONS = """\
-Put two numpy archives in the manual_dir (np.savez_compressed, no object
-arrays):
-  mnist.npz  MNIST (http://yann.lecun.com/exdb/mnist/ or any mirror of its four
-             idx files) in the original order: x_train uint8 [60000, 28, 28],
-             y_train uint8 [60000], x_test uint8 [10000, 28, 28], y_test uint8
-             [10000]. From the idx files: images = np.frombuffer(gzip.open(f)
-             .read(), np.uint8, offset=16).reshape(-1, 28, 28); labels = the
-             same with offset=8.
-  fsdd.npz   the Free Spoken Digit Dataset (https://github.com/Jakobovski/
-             free-spoken-digit-dataset, recordings/{digit}_{speaker}_{take}.wav,
-             3,000 clips, 8 kHz mono int16), rows sorted by (speaker, digit,
-             take): audio int16 [total samples] (the clips concatenated),
-             offsets int64 [3001] (clip k = audio[offsets[k]:offsets[k+1]]),
-             labels uint8 [3000] (digit), repetition uint8 [3000] (take 0-49),
-             sample_rate int32 scalar (8000). Read the wavs with the `wave`
-             module.
-mmjax's shared data folder has both (shared/data/avmnist_raw, with a README).
-"""
+from mmjax.data import avmnist_sources as sources
 
 SPLITS = ("train", "validation", "test")
 NUM_TRAIN = 55_000  # MNIST train rows in `train`; the rest are `validation`.
 NUM_CLASSES = 10
 KEEP_VARIANCE = 0.25  # PCA keeps components up to this explained variance.
-SAMPLE_RATE = 8000
+SAMPLE_RATE = sources.SAMPLE_RATE  # FSDD's 8 kHz.
 CLIP_SAMPLES = 8000  # 1 s window.
 N_FFT = 222  # STFT frame: 222 // 2 + 1 = 112 frequency bins.
 HOP = 70  # 1 + (8000 - 222) // 70 = 112 frames.
@@ -168,7 +155,8 @@ class AvMnistConfig(tfds.core.BuilderConfig):
 
 
 class Raw(NamedTuple):
-  """The arrays the build reads from ``mnist.npz`` and ``fsdd.npz``."""
+  """The arrays the build reads: MNIST and FSDD as ``avmnist_sources`` reads
+  them from ``mnist.npz`` and ``fsdd.npz`` or from the downloaded files."""
   x_train: np.ndarray  # uint8 [60000, 28, 28]
   y_train: np.ndarray  # uint8 [60000]
   x_test: np.ndarray  # uint8 [10000, 28, 28]
@@ -188,27 +176,14 @@ class Pca(NamedTuple):
   projector_q: np.ndarray  # float64 [784, 784] integers, V_k.T V_k * 2**16
 
 
-def _load(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"AV-MNIST needs {path}. {MANUAL_DOWNLOAD_INSTRUCTIONS}")
-  with np.load(path) as npz:
-    missing = [k for k in keys if k not in npz]
-    if missing:
-      raise ValueError(f"{path} lacks {missing} (it has {sorted(npz)}). "
-                       f"{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    return {k: npz[k] for k in keys}
-
-
 @functools.cache
 def load_raw(manual_dir: str) -> Raw:
-  """Reads and checks the two archives (cached per directory)."""
-  m = _load(os.path.join(manual_dir, "mnist.npz"),
-            ("x_train", "y_train", "x_test", "y_test"))
-  f = _load(os.path.join(manual_dir, "fsdd.npz"),
-            ("audio", "offsets", "labels", "repetition", "sample_rate"))
-  raw = Raw(m["x_train"], m["y_train"], m["x_test"], m["y_test"], f["audio"],
-            f["offsets"], f["labels"], f["repetition"])
+  """Reads and checks MNIST and FSDD, from whichever files ``manual_dir``
+  holds (``avmnist_sources``; cached per directory)."""
+  mnist = sources.load_mnist(manual_dir)
+  fsdd = sources.load_fsdd(manual_dir)
+  raw = Raw(mnist.x_train, mnist.y_train, mnist.x_test, mnist.y_test,
+            fsdd.audio, fsdd.offsets, fsdd.labels, fsdd.takes)
   expected = {"x_train": ((60000, 28, 28), np.uint8),
               "y_train": ((60000,), np.uint8),
               "x_test": ((10000, 28, 28), np.uint8),
@@ -222,9 +197,6 @@ def load_raw(manual_dir: str) -> Raw:
       raise ValueError(
           f"AV-MNIST raw {name} is {value.dtype}{list(value.shape)}, "
           f"expected {np.dtype(dtype)}{list(shape)}.")
-  if int(f["sample_rate"]) != SAMPLE_RATE:
-    raise ValueError(f"fsdd.npz sample_rate is {int(f['sample_rate'])}, "
-                     f"expected {SAMPLE_RATE}.")
   return raw
 
 
@@ -407,7 +379,7 @@ class Avmnist(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+  MANUAL_DOWNLOAD_INSTRUCTIONS = sources.MANUAL_DOWNLOAD_INSTRUCTIONS
   # Provisional SNRs, to be calibrated so that image-only and audio-only
   # models score as in MultiBench. The first config is the default.
   BUILDER_CONFIGS = [
