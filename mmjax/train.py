@@ -239,10 +239,8 @@ def compile_steps(trainer: "Trainer", dp: parallel.DataParallel, state: Any,
   """Compiles the train and eval steps ahead of time for the run's batch
   shapes (the first batches'), so that their FLOPs and compile seconds are
   known; the loop's calls reuse the programs."""
-  split = config.dataset.eval_splits[0]
-  with contextlib.closing(pipeline.eval_batches(config, split,
-                                                vocabularies)) as batches:
-    eval_batch = dp.shard_batch(next(batches))
+  eval_batch = dp.shard_batch(pipeline.first_eval_batch(
+      config, config.dataset.eval_splits[0], vocabularies))
   return (complexity.compile_ahead(trainer.train_step, state,
                                    dp.shard_batch(trainer.train_batches[0])),
           complexity.compile_ahead(trainer.eval_step, state, eval_batch))

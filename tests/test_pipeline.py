@@ -89,6 +89,17 @@ def test_every_eval_example_is_counted_once_across_processes(config,
   assert sorted(seen) == expected
 
 
+def test_first_eval_batch_is_the_first_that_eval_batches_yields(
+    config, monkeypatch):
+  for index in range(NUM_PROCESSES):
+    _as_process(monkeypatch, index, NUM_PROCESSES)
+    first = pipeline.first_eval_batch(config, "validation", {})
+    expected = next(pipeline.eval_batches(config, "validation", {}))
+    assert first.keys() == expected.keys()
+    for key in first:
+      np.testing.assert_array_equal(first[key], expected[key])
+
+
 def test_a_split_cached_in_memory_gives_the_same_batches(config):
   batches = {}
   for cache in (False, True):

@@ -288,6 +288,21 @@ def eval_batches(config: ml_collections.ConfigDict, split: str,
     yield pad_batch(batch, batch_size)
 
 
+def first_eval_batch(config: ml_collections.ConfigDict, split: str,
+                     vocabularies: dict[str, Vocabulary]
+                     ) -> dict[str, np.ndarray]:
+  """The first batch ``eval_batches`` yields on this host, read directly
+  (no reader threads, no evaluation started): what compiling the eval step
+  ahead of time needs."""
+  pp = preprocess.build_pp(config.input.pp_eval, vocabularies)
+  source = data_source(config, split)
+  batch_size = local_batch_size(config.eval.batch_size)
+  host_indices = np.arange(len(source))[jax.process_index()::
+                                        jax.process_count()]
+  return pad_batch(pp(read_batch(source, host_indices[:batch_size]),
+                      np.random.default_rng(0)), batch_size)
+
+
 def pad_batch(batch: dict[str, np.ndarray],
               batch_size: int) -> dict[str, np.ndarray]:
   """Zero-pads every field to ``batch_size`` rows and adds ``_mask``."""
