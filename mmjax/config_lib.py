@@ -81,7 +81,8 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every_steps",
 # keeps those runs' behaviour: a saved config that lacks one has that value.
 ADDED_SETTINGS = {"train.num_seeds": 1, "train.seeds_share_data": False,
                   "train.seeds_program": "auto", "model.dtype": "float32",
-                  "model.modality_dropout": 0.0}
+                  "model.modality_dropout": 0.0,
+                  "model.loss_weighting": "fixed"}
 
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -135,14 +136,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"config.model.encoders.{modality}", models.PART_KEYS)
   _check_part(registry.FUSIONS, model.fusion, "config.model.fusion",
               models.PART_KEYS)
-  if not model.heads:
-    raise ValueError("config.model.heads is empty: add at least one head.")
-  for head_name, head in model.heads.items():
-    _check_part(registry.HEADS, head, f"config.model.heads.{head_name}",
-                models.HEAD_KEYS)
-    if "target" not in head:
-      raise ValueError(f"config.model.heads.{head_name} needs a 'target': the "
-                       "batch key holding its labels.")
+  _check_heads(model)
   if model.get("dtype", "float32") not in models.DTYPES:
     raise ValueError(
         f"Unknown config.model.dtype {model.dtype!r}. Valid: "
@@ -177,6 +171,38 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_keep_best(config)
 
 
+def _check_heads(model: ml_collections.ConfigDict) -> None:
+  """Every head names a registered module, a target and a known loss; the
+  first is a classification head (its accuracy is the run's); uncertainty
+  weighting learns the weights, so none is set."""
+  from mmjax import losses  # pylint: disable=g-import-not-at-top
+  if not model.heads:
+    raise ValueError("config.model.heads is empty: add at least one head.")
+  weighting = model.get("loss_weighting", "fixed")
+  if weighting not in losses.WEIGHTINGS:
+    raise ValueError(f"Unknown config.model.loss_weighting {weighting!r}. "
+                     f"Valid: {', '.join(losses.WEIGHTINGS)}.")
+  for i, (head_name, head) in enumerate(model.heads.items()):
+    where = f"config.model.heads.{head_name}"
+    _check_part(registry.HEADS, head, where, models.HEAD_KEYS)
+    if "target" not in head:
+      raise ValueError(f"{where} needs a 'target': the batch key holding its "
+                       "labels.")
+    loss = head.get("loss", losses.DEFAULT_LOSS)
+    if loss not in losses.LOSSES:
+      raise ValueError(f"Unknown {where}.loss {loss!r}. Valid: "
+                       f"{', '.join(losses.LOSSES)}.")
+    if i == 0 and losses.LOSSES[loss].metric != "accuracy":
+      raise ValueError(
+          f"{where} is the first head, whose accuracy is the run's: it needs "
+          "a classification loss (softmax_xent or sigmoid_xent), not "
+          f"{loss!r}; put a classification head first.")
+    if weighting == "uncertainty" and head.get("weight", 1.0) != 1.0:
+      raise ValueError(
+          f"{where}.weight={head.weight}: with config.model.loss_weighting="
+          "'uncertainty' the loss weights are learned; leave the weights at 1.")
+
+
 def _check_keep_best(config: ml_collections.ConfigDict) -> None:
   """``config.checkpoint.keep_best`` names a metric of the validation split,
   which the run evaluates, and ``best_mode`` a direction."""
@@ -184,8 +210,8 @@ def _check_keep_best(config: ml_collections.ConfigDict) -> None:
   if not keep_best:
     return
   from mmjax import losses  # pylint: disable=g-import-not-at-top
-  valid = [f"validation/{name}"
-           for name in losses.metric_names(list(config.model.heads))]
+  valid = [f"validation/{name}" for name in
+           losses.metric_names(losses.head_targets(config.model.heads))]
   if keep_best not in valid:
     raise ValueError(f"config.checkpoint.keep_best={keep_best!r} is not a "
                      "metric this run evaluates during training. Valid: "
@@ -202,11 +228,13 @@ def _check_keep_best(config: ml_collections.ConfigDict) -> None:
 
 def best_mode(config: ml_collections.ConfigDict) -> str:
   """``config.checkpoint.best_mode`` with "auto" resolved: "min" for a
-  loss, "max" for the other metrics (accuracies)."""
+  loss or an error (``losses.LOWER_IS_BETTER``), "max" for the other metrics
+  (accuracies)."""
+  from mmjax import losses  # pylint: disable=g-import-not-at-top
   mode = config.checkpoint.get("best_mode", "auto")
   if mode == "auto":
     metric = config.checkpoint.keep_best.split("/", 1)[1]
-    return "min" if metric.startswith("loss") else "max"
+    return "min" if metric.startswith(losses.LOWER_IS_BETTER) else "max"
   return mode
 
 

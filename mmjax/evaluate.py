@@ -22,7 +22,8 @@ For inference in Python, ``mmjax.load``::
 ``predict`` takes raw batches of the run's modalities (as the dataset stores
 them: ``[batch, ...]`` numpy arrays, strings for text), applies the run's
 evaluation preprocessing and returns ``{head: [batch, classes]}``
-probabilities.
+probabilities (``[batch, 1]`` values for a regression head;
+``mmjax.losses.predictions``).
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ def restore_variables(workdir: str, config: ml_collections.ConfigDict,
 
 
 class Predictor:
-  """``predict(batch) -> {head: [batch, classes] probabilities}`` for raw
-  batches of the run's modalities (see the module docstring).
+  """``predict(batch) -> {head: [batch, classes] probabilities}`` (a
+  regression head: ``[batch, 1]`` values) for raw batches of the run's
+  modalities (see the module docstring).
 
   Attributes:
     step: the training step of the restored checkpoint.
@@ -140,7 +142,8 @@ class Predictor:
     # the labels that a raw batch for inference does not have.
     self._pp = preprocess.build_pp(config.input.pp_eval, vocabularies,
                                    skip=("keep",))
-    self._probabilities = jax.jit(functools.partial(_probabilities, model))
+    self._predict = jax.jit(functools.partial(
+        _predictions, model, losses.head_targets(config.model.heads)))
 
   def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
     missing = [m for m in self._modalities if m not in batch]
@@ -152,14 +155,13 @@ class Predictor:
     inputs = {k: v for k, v in inputs.items()
               if k in self._modalities or k.removesuffix("_mask") in
               self._modalities}
-    return jax.tree.map(np.asarray,
-                        self._probabilities(self.variables, inputs))
+    return jax.tree.map(np.asarray, self._predict(self.variables, inputs))
 
 
-def _probabilities(model: models.MultimodalModel, variables: dict[str, Any],
-                   inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  logits = model.apply(variables, inputs, train=False)
-  return {head: jax.nn.softmax(x, axis=-1) for head, x in logits.items()}
+def _predictions(model: models.MultimodalModel, tasks: dict[str, losses.Task],
+                 variables: dict[str, Any],
+                 inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return losses.predictions(model.apply(variables, inputs, train=False), tasks)
 
 
 def load(workdir: str, checkpoint: Checkpoint = "best",

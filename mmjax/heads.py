@@ -13,11 +13,12 @@ from mmjax.registry import HEADS
 
 @HEADS.register("classifier")
 class ClassifierHead(nn.Module):
-  """MLP classifier: ``hidden`` ReLU layers, each followed by dropout, then a
-  linear layer to logits.
+  """MLP head: ``hidden`` ReLU layers, each followed by dropout, then a
+  linear layer to logits (or, with one output, a regression head's values).
 
   Attributes:
-    num_classes: number of output classes.
+    num_classes: number of outputs: classes, or 1 for a regression loss
+      (``models.build_model`` sets it; ``mmjax.losses``).
     hidden: widths of the hidden layers; ``()`` gives a linear classifier.
     dropout: dropout rate after each hidden layer (rng collection
       ``'dropout'``, only when training).
@@ -31,7 +32,7 @@ class ClassifierHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """``[batch, dim]`` fused features -> ``[batch, num_classes]`` logits."""
+    """``[batch, dim]`` fused features -> ``[batch, num_classes]`` outputs."""
     if x.ndim != 2:
       raise ValueError(
           f"ClassifierHead needs features of shape [batch, dim]; got {x.shape}.")

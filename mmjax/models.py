@@ -31,6 +31,15 @@ modality, never all of them, and nothing is rescaled. With
 ``p = 0`` nothing is drawn from the ``dropout`` rng: runs are bit for bit
 those of a config without the setting.
 
+Heads and their losses: each head of ``config.model.heads`` has a ``target``
+(the batch key of its labels), a ``loss`` (``mmjax.losses.LOSSES``, default
+"softmax_xent") and a ``weight``. A classification head gets ``num_classes``
+from the dataset's feature ``target`` unless the config sets it; a regression
+head (``mse``, ``l1``) gets one output, ``[batch, 1]``. With
+``config.model.loss_weighting="uncertainty"`` the model also declares the
+learned log-variances of the heads' losses (``losses.LogVariances``, params
+``loss_weighting/<head>``); the model does not use them, the loss does.
+
 Mixed precision: ``config.model.dtype`` (default "float32") is the compute
 dtype of every part with a ``dtype`` attribute, e.g. "bfloat16" on GPU/TPU.
 Parameters (hence gradients and optimizer state), BatchNorm statistics and
@@ -48,12 +57,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mmjax import losses
 from mmjax import registry
 from mmjax.encoders.base import Encoding
 
 # Keys of a part's config that configure the assembly, not the module.
 PART_KEYS = ("name",)
-HEAD_KEYS = ("name", "target", "weight")  # A head's labels and loss weight.
+# A head's labels, loss and loss weight.
+HEAD_KEYS = ("name", "target", "weight", "loss")
 # config.model.dtype values. float16 would need loss scaling (its range
 # underflows small gradients); bfloat16 has float32's range and does not.
 DTYPES = ("float32", "bfloat16")
@@ -68,18 +79,24 @@ class MultimodalModel(nn.Module):
     heads: head name -> head module.
     modality_dropout: in training, the probability of dropping each modality
       of each example (see the module docstring).
+    loss_weighting: ``losses.WEIGHTINGS``; "uncertainty" declares the heads'
+      learned log-variances.
   """
   encoders: Mapping[str, nn.Module]
   fusion: nn.Module
   heads: Mapping[str, nn.Module]
   modality_dropout: float = 0.0
+  loss_weighting: str = "fixed"
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jax.Array], *,
                train: bool) -> dict[str, jax.Array]:
     """``batch[modality]`` (and optional ``batch[f"{modality}_mask"]``) ->
-    ``{head: logits [batch, num_classes]}``; the mean over modalities of each
-    modality's logits when the fusion returns ``{modality: features}``."""
+    ``{head: logits [batch, num_classes]}`` (a regression head: values
+    ``[batch, 1]``); the mean over modalities of each modality's outputs when
+    the fusion returns ``{modality: features}``."""
+    if self.loss_weighting == "uncertainty":  # Created here, read by the loss.
+      losses.LogVariances(tuple(self.heads), name=losses.LOG_VARIANCES)()
     for modality in self.encoders:
       if modality not in batch:
         raise ValueError(f"The model fuses modality {modality!r} but the batch "
@@ -152,7 +169,8 @@ def build_model(model_config: ml_collections.ConfigDict, *,
     vocab_sizes: text modality -> vocabulary size (from the data), given to
       encoders that have a ``vocab_size`` attribute left unset.
     num_classes: target field -> number of classes (from the dataset), given to
-      heads whose ``num_classes`` is unset.
+      classification heads whose ``num_classes`` is unset; a regression head
+      gets 1.
     axis_name: the data-parallel axis, given to every part with an
       ``axis_name`` attribute (synchronised BatchNorm statistics).
   """
@@ -170,14 +188,30 @@ def build_model(model_config: ml_collections.ConfigDict, *,
         vocab_size=vocab_sizes.get(modality))
   heads = {}
   for head_name, part in model_config.heads.items():
-    heads[head_name] = _instantiate(registry.HEADS, part, HEAD_KEYS,
-                                    model_wide,
-                                    num_classes=num_classes.get(part.target))
+    heads[head_name] = _instantiate(
+        registry.HEADS, part, HEAD_KEYS, model_wide,
+        num_classes=_head_outputs(head_name, part, num_classes))
   fusion = _instantiate(registry.FUSIONS, model_config.fusion, PART_KEYS,
                         model_wide)
   return MultimodalModel(
       encoders=encoders, fusion=fusion, heads=heads,
-      modality_dropout=float(model_config.get("modality_dropout", 0.0)))
+      modality_dropout=float(model_config.get("modality_dropout", 0.0)),
+      loss_weighting=model_config.get("loss_weighting", "fixed"))
+
+
+def _head_outputs(head_name: str, part: ml_collections.ConfigDict,
+                  num_classes: Mapping[str, int]) -> int:
+  """A head's number of outputs: 1 for a regression loss, else its
+  ``num_classes`` (the config's, else the dataset's)."""
+  if losses.LOSSES[part.get("loss", losses.DEFAULT_LOSS)].regression:
+    return 1
+  outputs = part.get("num_classes") or num_classes.get(part.target)
+  if outputs is None:
+    raise ValueError(
+        f"config.model.heads.{head_name}: the dataset gives no number of "
+        f"classes for target {part.target!r} (not a class label); set "
+        f"config.model.heads.{head_name}.num_classes.")
+  return outputs
 
 
 def _instantiate(reg: registry.Registry, part: ml_collections.ConfigDict,

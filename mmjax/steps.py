@@ -128,15 +128,17 @@ def _mean(x: jax.Array, axis_name: str | None) -> jax.Array:
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
                model: nn.Module, tx: optax.GradientTransformation,
                learning_rate_fn: Callable[[jax.Array], jax.Array],
-               targets: Mapping[str, tuple[str, float]],
+               targets: Mapping[str, losses.Task],
                axis_name: str | None,
                skip_nonfinite_updates: bool = False
                ) -> tuple[TrainState, Metrics]:
   """One optimizer update on one device's ``[per_device_batch, ...]`` shard.
 
-  Returns the new state and scalar metrics averaged over devices: ``loss``,
-  ``accuracy``, ``grad_norm`` (global, and ``grad_norm/<group>`` for each
-  top-level part of the model), ``learning_rate``.
+  Returns the new state and scalar metrics averaged over devices: those of
+  ``losses.head_terms`` (``loss``, ``accuracy``, and per head with several),
+  ``grad_norm`` (global, and ``grad_norm/<group>`` for each top-level part of
+  the model), ``learning_rate``, and with uncertainty weighting each head's
+  learned ``loss_weight/<head>`` (the one this update's loss used).
   """
   rng, next_rng = jax.random.split(state.rng)
   if axis_name:  # A different dropout mask on each device.
@@ -146,7 +148,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     logits, updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch,
         train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-    terms = losses.classification_terms(logits, batch, targets)
+    terms = losses.head_terms(logits, batch, targets,
+                              params.get(losses.LOG_VARIANCES))
     return jnp.mean(terms["loss"]), (terms, updates)
 
   grads, (terms, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -156,6 +159,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   params = optax.apply_updates(state.params, param_updates)
 
   metrics = {k: _mean(jnp.mean(v), axis_name) for k, v in terms.items()}
+  log_variances = state.params.get(losses.LOG_VARIANCES)
+  if log_variances is not None:
+    metrics.update(losses.learned_weights(log_variances))
   metrics["grad_norm"] = optax.tree.norm(grads)
   for group, group_grads in grads.items():  # encoders_<modality>, fusion, heads_*
     metrics[f"grad_norm/{group}"] = optax.tree.norm(group_grads)
@@ -175,7 +181,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
-              model: nn.Module, targets: Mapping[str, tuple[str, float]],
+              model: nn.Module, targets: Mapping[str, losses.Task],
               axis_name: str | None, mask_key: str = "_mask") -> Metrics:
   """Sums of per-example metrics over the real examples of all devices.
 
@@ -184,7 +190,8 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   """
   logits = model.apply({"params": state.params,
                         "batch_stats": state.batch_stats}, batch, train=False)
-  terms = losses.classification_terms(logits, batch, targets)
+  terms = losses.head_terms(logits, batch, targets,
+                            state.params.get(losses.LOG_VARIANCES))
   mask = batch[mask_key].astype(jnp.float32)
   sums = {k: jnp.sum(v * mask) for k, v in terms.items()}
   sums["count"] = jnp.sum(mask)

@@ -179,19 +179,23 @@ def report(variants: Sequence[Variant], workdir: str,
   """A markdown table: one row per group, in sweep order, with each group's
   cost (``mmjax.complexity``): FLOPs per example to train and to infer,
   compile seconds of both steps, XLA's memory peak of the train step, steady
-  examples/s and training time (means over the group's runs)."""
+  examples/s and training time (means over the group's runs). When runs have
+  several heads, a column per head's metric follows (``accuracy/<head>``,
+  ``mae/<head>``: ``task_metrics``), empty for runs without that head."""
   groups = grouped_results(variants, workdir)
+  tasks = task_metrics(groups, split)
   rows = [f"| variant | {split} accuracy | runs | parameters | train FLOPs/ex "
           "| inference FLOPs/ex | compile s | step memory | examples/s | "
-          "train time |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "train time |" + "".join(f" {split} {name} |" for name in tasks),
+          "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
   for group, results in groups.items():
     done = [r for r in results if r is not None]
     if not done:
-      rows.append(f"| {group} | not run | 0/{len(results)} |" + " |" * 7)
+      rows.append(f"| {group} | not run | 0/{len(results)} |" +
+                  " |" * (7 + len(tasks)))
       continue
-    accuracy = [r[split]["accuracy"] for r in done]
-    mean = statistics.mean(accuracy)
-    spread = (f" ± {statistics.stdev(accuracy):.3f}" if len(done) > 1 else "")
+    mean_and_spread = lambda name: _mean_and_spread(
+        [r[split][name] for r in done if name in r[split]])
     costs = [r.get("complexity", {}) for r in done]
     cost = lambda key: _mean_of([c.get(key) for c in costs])
     compile_seconds = _mean_of([
@@ -200,14 +204,36 @@ def report(variants: Sequence[Variant], workdir: str,
     speed = statistics.mean(r["examples_per_sec"] for r in done)
     minutes = statistics.mean(r["train_seconds"] for r in done) / 60
     rows.append(
-        f"| {group} | {mean:.3f}{spread} | {len(done)}/{len(results)} "
+        f"| {group} | {mean_and_spread('accuracy')} "
+        f"| {len(done)}/{len(results)} "
         f"| {done[0]['num_params']:,} "
         f"| {_scaled(cost('train_flops_per_example'))} "
         f"| {_scaled(cost('inference_flops_per_example'))} "
         f"| {_scaled(compile_seconds, '.0f')} "
         f"| {_scaled(cost('train_step_peak_bytes'), binary=True)} "
-        f"| {speed:,.0f} | {minutes:.1f} min |")
+        f"| {speed:,.0f} | {minutes:.1f} min |" +
+        "".join(f" {cell} |" if cell else " |"
+                for cell in map(mean_and_spread, tasks)))
   return "\n".join(rows)
+
+
+def task_metrics(groups: dict[str, list[dict[str, Any] | None]],
+                 split: str) -> list[str]:
+  """The per-head metrics of the finished runs' ``split`` (``accuracy/<head>``,
+  ``mae/<head>``..., not the losses), in order of appearance; none when no
+  run has several heads."""
+  names = [name for results in groups.values() for r in results
+           if r is not None for name in r[split]
+           if "/" in name and not name.startswith("loss/")]
+  return list(dict.fromkeys(names))
+
+
+def _mean_and_spread(values: list[float]) -> str:
+  """``"0.600 ± 0.141"`` (mean ± std of several), ``"0.600"`` or ``""``."""
+  if not values:
+    return ""
+  spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+  return f"{statistics.mean(values):.3f}{spread}"
 
 
 def _mean_of(values: list[float | None]) -> float | None:

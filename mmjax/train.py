@@ -378,7 +378,7 @@ class Trainer:
 
   Attributes:
     model: the assembled model.
-    targets: head -> ``(label field, loss weight)``.
+    targets: head -> its ``losses.Task`` (label field, loss weight, loss).
     seeds: the seeds trained; with several, every leaf of the state, metrics
       and eval sums has a leading ``[seeds]`` axis.
     train_batches: local train batches, indexed by step (``[local_batch,
@@ -390,7 +390,7 @@ class Trainer:
     eval_step: ``(state, batch) -> sums`` of eval metrics over all devices.
   """
   model: models.MultimodalModel
-  targets: dict[str, tuple[str, float]]
+  targets: dict[str, losses.Task]
   seeds: Seeds
   train_batches: grain.MapDataset
   host_state: steps.TrainState
@@ -422,7 +422,7 @@ def build_trainer(config: ml_collections.ConfigDict,
     train_batches = pipeline.train_batches(config, vocabularies, seeds.values[0])
   example = train_batches[0]
   _check_batch_has(example, list(config.model.modalities) +
-                   [t for t, _ in targets.values()], config)
+                   [task.target for task in targets.values()], config)
   one_example = jax.tree.map(lambda x: x[:1, 0] if own_data else x[:1], example)
   rngs = [jax.random.PRNGKey(seed) for seed in seeds.values]
   if seeds.stacked:
@@ -453,13 +453,15 @@ def model_of(config: ml_collections.ConfigDict,
              builder: tfds.core.DatasetBuilder, *,
              axis_name: str | None) -> models.MultimodalModel:
   """``config.model``, sized by the data: vocabulary sizes and each head's
-  number of classes (from the dataset's features)."""
-  targets = losses.head_targets(config.model.heads)
+  number of classes (from the dataset's class-label features)."""
+  features = builder.info.features
+  targets = [task.target for task in
+             losses.head_targets(config.model.heads).values()]
   return models.build_model(
       config.model,
       vocab_sizes={k: v.size for k, v in vocabularies.items()},
-      num_classes={t: builder.info.features[t].num_classes
-                   for t, _ in targets.values() if t in builder.info.features},
+      num_classes={t: features[t].num_classes for t in targets
+                   if t in features and hasattr(features[t], "num_classes")},
       axis_name=axis_name)
 
 

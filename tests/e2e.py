@@ -40,10 +40,12 @@ def load_experiment(name: str = "mm_shapes"):
   return module
 
 
-def small_config(data_dir: str, **overrides):
+def small_config(data_dir: str, *, experiment: str = "mm_shapes",
+                 arg: str = "runlocal", **overrides):
   """The config ``command`` runs, in process: runlocal mm_shapes on
-  ``data_dir`` with ``SMALL_MODEL``, then ``overrides`` (``{"a.b": value}``)."""
-  config = load_experiment("mm_shapes").get_config("runlocal")
+  ``data_dir`` with ``SMALL_MODEL``, then ``overrides`` (``{"a.b": value}``);
+  ``experiment`` and ``arg`` choose another experiment file or variant."""
+  config = load_experiment(experiment).get_config(arg)
   config.dataset.data_dir = data_dir
   for key, value in {**SMALL_MODEL, **overrides}.items():
     *parents, leaf = key.split(".")

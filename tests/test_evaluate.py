@@ -75,9 +75,10 @@ def test_metric_names_are_what_evaluation_returns():
   batch = {"a": np.array([0, 1]), "b": np.array([1, 1])}
   for heads in (["x"], ["x", "y"]):
     logits = {h: np.zeros((2, 3), np.float32) for h in heads}
-    targets = {h: ("a" if i == 0 else "b", 1.0) for i, h in enumerate(heads)}
-    terms = losses.classification_terms(logits, batch, targets)
-    assert sorted(losses.metric_names(heads)) == sorted(terms)
+    targets = {h: losses.Task("a" if i == 0 else "b")
+               for i, h in enumerate(heads)}
+    terms = losses.head_terms(logits, batch, targets)
+    assert sorted(losses.metric_names(targets)) == sorted(terms)
 
 
 def _config(data_dir, **overrides):

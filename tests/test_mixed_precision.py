@@ -185,7 +185,7 @@ def test_train_step_in_bfloat16_keeps_float32_state_and_loss():
     logits, _ = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch,
         train=True, mutable=["batch_stats"])
-    return jnp.mean(losses.classification_terms(logits, batch, targets)["loss"])
+    return jnp.mean(losses.head_terms(logits, batch, targets)["loss"])
 
   loss_value, grads = jax.eval_shape(jax.value_and_grad(loss), state.params)
   assert loss_value.dtype == F32

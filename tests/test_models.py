@@ -56,7 +56,7 @@ def test_every_parameter_gets_a_gradient_from_the_training_loss(arg):
     logits, _ = model.apply({**variables, "params": params}, batch, train=True,
                             mutable=["batch_stats"],
                             rngs={"dropout": jax.random.PRNGKey(1)})  # mfb.
-    return jnp.mean(losses.classification_terms(logits, batch, targets)["loss"])
+    return jnp.mean(losses.head_terms(logits, batch, targets)["loss"])
 
   grads = jax.jit(jax.grad(loss))(variables["params"])
   dead = [jax.tree_util.keystr(path) for path, g in

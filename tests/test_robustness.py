@@ -202,8 +202,7 @@ def test_modality_dropout_zero_draws_nothing_and_keeps_the_loss():
   def loss(model, rngs):
     logits, _ = model.apply(variables, batch, train=True, rngs=rngs,
                             mutable=["batch_stats"])
-    return jnp.mean(losses.classification_terms(logits, batch,
-                                                targets)["loss"])
+    return jnp.mean(losses.head_terms(logits, batch, targets)["loss"])
 
   rngs = {"dropout": jax.random.key(1)}
   before = jax.jit(lambda: loss(model, rngs))()

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import pytest
 
-from mmjax import config_lib, models, sweep, train
+from mmjax import config_lib, losses, models, sweep, train
 from mmjax.data import avmnist
 from mmjax.data import mm_shapes as ms
 from mmjax.data import preprocess
@@ -79,7 +79,8 @@ def test_every_variant_is_a_valid_config_whose_model_builds(path):
         config.model, vocab_sizes=dict.fromkeys(config.model.modalities, 10),
         num_classes=num_classes, axis_name=None)
     # Initialised on inputs of the dataset's shapes (traced, not compiled):
-    # every part fits the next, and every head gives [batch, classes].
+    # every part fits the next, and every head gives [batch, classes] (the
+    # config's, else the data's), or [batch, 1] for a regression head.
     batch = _dummy_batch(config)
     logits, variables = jax.eval_shape(
         functools.partial(model.init_with_output, train=False),
@@ -87,7 +88,8 @@ def test_every_variant_is_a_valid_config_whose_model_builds(path):
     assert {k.split("_", 1)[1] for k in variables["params"]
             if k.startswith("encoders_")} == set(config.model.modalities)
     assert {head: x.shape for head, x in logits.items()} == {
-        head: (2, num_classes[h.target])
+        head: (2, 1 if losses.LOSSES[h.get("loss", "softmax_xent")].regression
+               else h.get("num_classes", num_classes[h.target]))
         for head, h in config.model.heads.items()}, variant.name
 
 
