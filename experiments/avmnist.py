@@ -87,7 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
   config.rng_impl = "rbg"
-  config.init_from = ""
+  config.init_from = ""  # A run's workdir to warm-start from,
+  config.init_from_parts = ()  # all of it, or these parts ("encoders_image").
   config.allow_config_change = False
 
   config.dataset = dict(name="avmnist", config=arg.snr, data_dir="",

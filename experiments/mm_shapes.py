@@ -75,7 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.rng_impl = "rbg"  # jax_default_prng_impl: "rbg" or "threefry2x32".
-  config.init_from = ""
+  config.init_from = ""  # A run's workdir to warm-start from,
+  config.init_from_parts = ()  # all of it, or these parts ("encoders_image").
   config.allow_config_change = False  # Resume a workdir with other settings.
 
   config.dataset = dict(name="mm_shapes", config=arg.dataset, data_dir="",

@@ -32,9 +32,6 @@ Variants, as ``--config=experiments/mm_shapes_multitask.py:<arg>,<arg>``:
   runlocal                    a few steps on small batches, for tests and CI
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
 from mmjax import config_lib
@@ -44,16 +41,6 @@ TASKS = ("answer", "num_objects", "question_type")
 COUNTS = ("regression", "classification")
 # mm_shapes/relational draws 3-6 objects; as a class, the count is 0-6.
 NUM_COUNT_CLASSES = 7
-
-
-def _base_config(arg: str) -> ml_collections.ConfigDict:
-  """``experiments/mm_shapes.py``'s config for ``arg``."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "mm_shapes.py")
-  spec = importlib.util.spec_from_file_location("mm_shapes_experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _keeping(pp: str, keys: tuple[str, ...]) -> str:
@@ -88,8 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      f"any of {', '.join(TASKS[1:])}.")
   if arg.count not in COUNTS:
     raise ValueError(f"count={arg.count!r}; valid: {', '.join(COUNTS)}.")
-  config = _base_config("fusion=film,dataset=relational" +
-                        (",runlocal" if arg.runlocal else ""))
+  config = config_lib.sibling_experiment(
+      __file__, "mm_shapes.py", "fusion=film,dataset=relational" +
+      (",runlocal" if arg.runlocal else ""))
   extra = tuple(arg.tasks[1:])
   config.input.pp_train = _keeping(config.input.pp_train, extra)
   config.input.pp_eval = _keeping(config.input.pp_eval, extra)

@@ -12,8 +12,10 @@ says what to fix.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import json
+import os
 from typing import Any
 
 import jax
@@ -49,6 +51,19 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     parsed[key] = _parse_value(key, value if "=" in item else "True",
                                defaults[key])
   return parsed
+
+
+def sibling_experiment(this_file: str, name: str,
+                       arg: str) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of experiment file ``name`` in the directory of
+  ``this_file``: for an experiment that extends another, e.g.
+  ``sibling_experiment(__file__, "mm_shapes.py", "fusion=film")``."""
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
+  spec = importlib.util.spec_from_file_location(
+      f"mmjax_experiment_{name.removesuffix('.py')}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def _parse_value(key: str, value: str, default: Any) -> Any:
@@ -134,9 +149,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"config.model.encoders (configured: {', '.join(model.encoders)}).")
     _check_part(registry.ENCODERS, model.encoders[modality],
                 f"config.model.encoders.{modality}", models.PART_KEYS)
-  _check_part(registry.FUSIONS, model.fusion, "config.model.fusion",
-              models.PART_KEYS)
-  _check_heads(model)
+  if model.get("contrastive"):
+    _check_contrastive(model)
+  else:
+    _check_part(registry.FUSIONS, model.fusion, "config.model.fusion",
+                models.PART_KEYS)
+    _check_heads(model)
   if model.get("dtype", "float32") not in models.DTYPES:
     raise ValueError(
         f"Unknown config.model.dtype {model.dtype!r}. Valid: "
@@ -168,7 +186,60 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"Unknown config.train.seeds_program "
                      f"{config.train.seeds_program!r}. Valid: "
                      f"{', '.join(SEEDS_PROGRAMS)}.")
+  for part in config.get("init_from_parts", ()):
+    parse_part(part)
+  if config.get("init_from_parts") and not config.get("init_from"):
+    raise ValueError("config.init_from_parts names parts to copy from "
+                     "config.init_from, which is empty: set it to the run's "
+                     "workdir.")
   _check_keep_best(config)
+
+
+def parse_part(part: str) -> tuple[str, str]:
+  """``config.init_from_parts``' ``"target=source"`` or ``"target"`` ->
+  ``(target, source)``: top-level parameter groups, e.g.
+  ``"encoders_image"``."""
+  target, _, source = part.partition("=")
+  target, source = target.strip(), (source or target).strip()
+  if not target or not source or "=" in source:
+    raise ValueError(f"config.init_from_parts entry {part!r}: write "
+                     "'target=source' or 'target', e.g. 'encoders_image'.")
+  return target, source
+
+
+def _check_contrastive(model: ml_collections.ConfigDict) -> None:
+  """A two-tower model: two modalities, a known loss and positives, and no
+  fusion, heads or settings that only fusion models have."""
+  from mmjax import contrastive  # pylint: disable=g-import-not-at-top
+  settings = model.contrastive
+  where = "config.model.contrastive"
+  if settings.get("loss") not in contrastive.LOSS_NAMES:
+    raise ValueError(f"{where}.loss={settings.get('loss')!r}; valid: "
+                     f"{', '.join(contrastive.LOSS_NAMES)}.")
+  positives = settings.get("positives", "same_text")
+  if positives not in contrastive.POSITIVES:
+    raise ValueError(f"{where}.positives={positives!r}; valid: "
+                     f"{', '.join(contrastive.POSITIVES)}.")
+  if settings.get("embed_dim", 0) <= 0:
+    raise ValueError(f"{where}.embed_dim must be a positive width; got "
+                     f"{settings.get('embed_dim')!r}.")
+  unknown = set(settings) - {"loss", "positives", "embed_dim", "chunked"}
+  if unknown:
+    raise ValueError(f"{where} has unknown settings {sorted(unknown)}; valid: "
+                     "loss, positives, embed_dim, chunked.")
+  if len(model.modalities) != 2:
+    raise ValueError("A two-tower (contrastive) model embeds exactly two "
+                     "modalities, image side first; config.model.modalities "
+                     f"is {tuple(model.modalities)}.")
+  for key in ("fusion", "heads"):
+    if model.get(key):
+      raise ValueError(f"A two-tower (contrastive) model has no {key}: remove "
+                       f"config.model.{key} (or config.model.contrastive).")
+  if model.get("modality_dropout", 0.0) or model.get(
+      "loss_weighting", "fixed") != "fixed":
+    raise ValueError("config.model.modality_dropout and loss_weighting apply "
+                     "to fusion models, not to a two-tower (contrastive) "
+                     "model; leave them at 0 and 'fixed'.")
 
 
 def _check_heads(model: ml_collections.ConfigDict) -> None:
@@ -209,9 +280,11 @@ def _check_keep_best(config: ml_collections.ConfigDict) -> None:
   keep_best = config.checkpoint.get("keep_best", "")
   if not keep_best:
     return
+  from mmjax import contrastive  # pylint: disable=g-import-not-at-top
   from mmjax import losses  # pylint: disable=g-import-not-at-top
-  valid = [f"validation/{name}" for name in
-           losses.metric_names(losses.head_targets(config.model.heads))]
+  names = (contrastive.METRIC_NAMES if config.model.get("contrastive") else
+           losses.metric_names(losses.head_targets(config.model.heads)))
+  valid = [f"validation/{name}" for name in names]
   if keep_best not in valid:
     raise ValueError(f"config.checkpoint.keep_best={keep_best!r} is not a "
                      "metric this run evaluates during training. Valid: "

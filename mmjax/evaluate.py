@@ -185,6 +185,13 @@ def _run_model(workdir: str) -> tuple[ml_collections.ConfigDict,
                                       models.MultimodalModel]:
   """The run's config, its saved vocabularies and its (unbound) model."""
   config = run_config(workdir)
+  if config.model.get("contrastive"):
+    raise ValueError(
+        f"{workdir} holds a two-tower contrastive run: it has no heads to "
+        "predict with or to evaluate for robustness. Its results.json holds "
+        "its retrieval and zero-shot metrics; to use its towers, warm-start "
+        "a fusion model with --config.init_from and "
+        "--config.init_from_parts.")
   vocabularies = _vocabularies(workdir, config)
   model = train.model_of(config, vocabularies, pipeline.ensure_prepared(config),
                          axis_name=None)

@@ -53,7 +53,8 @@ head: the run's accuracy, as with one head) and, with several heads,
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -206,6 +207,21 @@ def head_terms(outputs: Mapping[str, jax.Array],
       terms[f"{kind.metric}/{name}"] = metric
   terms["loss"] = total_loss(per_head, tasks, log_variances)
   return terms
+
+
+@dataclasses.dataclass(frozen=True)
+class Supervised:
+  """The heads' objective, for ``steps.train_step``: ``head_terms`` of the
+  model's outputs, with the learned log-variances of uncertainty weighting
+  when the params hold them. (``mmjax.contrastive.Objective`` is the
+  two-tower one.)"""
+  tasks: Mapping[str, Task]
+
+  def __call__(self, outputs: Mapping[str, jax.Array],
+               batch: Mapping[str, jax.Array], params: Mapping[str, Any],
+               axis_name: str | None) -> dict[str, jax.Array]:
+    del axis_name  # Per-example terms: nothing to gather.
+    return head_terms(outputs, batch, self.tasks, params.get(LOG_VARIANCES))
 
 
 def total_loss(per_head: Mapping[str, jax.Array], tasks: Mapping[str, Task],

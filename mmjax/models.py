@@ -40,6 +40,14 @@ head (``mse``, ``l1``) gets one output, ``[batch, 1]``. With
 learned log-variances of the heads' losses (``losses.LogVariances``, params
 ``loss_weighting/<head>``); the model does not use them, the loss does.
 
+Two-tower contrastive models (``config.model.contrastive``, see
+``mmjax.contrastive``): ``TwoTowerModel`` encodes each of two modalities,
+projects its pooled encoding linearly (no bias, as CLIP) to a joint
+``embed_dim`` and returns ``{modality: embedding}``; it has no fusion and no
+heads. Its parameter tree is ``encoders_<modality>`` (the same names as a
+fusion model's, so that ``config.init_from_parts`` can warm-start a fusion
+model's encoder from a tower), ``projection_<modality>`` and ``logit_scale``.
+
 Mixed precision: ``config.model.dtype`` (default "float32") is the compute
 dtype of every part with a ``dtype`` attribute, e.g. "bfloat16" on GPU/TPU.
 Parameters (hence gradients and optimizer state), BatchNorm statistics and
@@ -57,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mmjax import contrastive
 from mmjax import losses
 from mmjax import registry
 from mmjax.encoders.base import Encoding
@@ -125,6 +134,40 @@ class MultimodalModel(nn.Module):
             for name, head in self.heads.items()}
 
 
+class TwoTowerModel(nn.Module):
+  """One encoder per modality and a linear projection to a joint space.
+
+  Attributes:
+    encoders: the two modalities' encoders (unbound), image side first.
+    embed_dim: the joint embedding's width.
+    loss: "clip" or "siglip": which learned scale (and bias) to declare
+      (``contrastive.LogitScale``; the objective reads them).
+    dtype: the projections' compute dtype.
+  """
+  encoders: Mapping[str, nn.Module]
+  embed_dim: int
+  loss: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jax.Array], *,
+               train: bool) -> dict[str, jax.Array]:
+    """``batch[modality]`` (and optional ``<modality>_mask``) -> ``{modality:
+    [batch, embed_dim]}`` float32 embeddings, not normalised."""
+    contrastive.LogitScale(self.loss, name=contrastive.LOGIT_SCALE)()
+    embeddings = {}
+    for modality, encoder in self.encoders.items():
+      if modality not in batch:
+        raise ValueError(f"The model embeds modality {modality!r} but the "
+                         f"batch has only: {', '.join(sorted(batch))}.")
+      encoding = encoder(batch[modality], batch.get(f"{modality}_mask"),
+                         train=train)
+      embeddings[modality] = nn.Dense(
+          self.embed_dim, use_bias=False, dtype=self.dtype,
+          name=f"projection_{modality}")(encoding.pooled).astype(jnp.float32)
+    return embeddings
+
+
 def sample_modality_keep(rng: jax.Array, batch_size: int,
                          num_modalities: int, p: float) -> jax.Array:
   """``[batch, modalities]`` bool, True where an example keeps a modality.
@@ -159,8 +202,9 @@ def drop_modalities(batch: Mapping[str, jax.Array], keep_BxM: jax.Array,
 def build_model(model_config: ml_collections.ConfigDict, *,
                 vocab_sizes: Mapping[str, int],
                 num_classes: Mapping[str, int],
-                axis_name: str | None) -> MultimodalModel:
-  """Instantiates the configured parts.
+                axis_name: str | None) -> MultimodalModel | TwoTowerModel:
+  """Instantiates the configured parts: a ``TwoTowerModel`` when the config
+  has ``contrastive``, else a ``MultimodalModel``.
 
   Args:
     model_config: ``config.model``; its ``dtype`` (one of ``DTYPES``, default
@@ -186,6 +230,11 @@ def build_model(model_config: ml_collections.ConfigDict, *,
     encoders[modality] = _instantiate(
         registry.ENCODERS, part, PART_KEYS, model_wide,
         vocab_size=vocab_sizes.get(modality))
+  if model_config.get("contrastive"):
+    return TwoTowerModel(encoders=encoders,
+                         embed_dim=model_config.contrastive.embed_dim,
+                         loss=model_config.contrastive.loss,
+                         dtype=model_wide["dtype"])
   heads = {}
   for head_name, part in model_config.heads.items():
     heads[head_name] = _instantiate(

@@ -128,14 +128,20 @@ def _mean(x: jax.Array, axis_name: str | None) -> jax.Array:
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
                model: nn.Module, tx: optax.GradientTransformation,
                learning_rate_fn: Callable[[jax.Array], jax.Array],
-               targets: Mapping[str, losses.Task],
+               objective: Callable[..., dict[str, jax.Array]],
                axis_name: str | None,
                skip_nonfinite_updates: bool = False
                ) -> tuple[TrainState, Metrics]:
   """One optimizer update on one device's ``[per_device_batch, ...]`` shard.
 
-  Returns the new state and scalar metrics averaged over devices: those of
-  ``losses.head_terms`` (``loss``, ``accuracy``, and per head with several),
+  ``objective(outputs, batch, params, axis_name) -> terms`` gives the loss
+  and metrics of the model's outputs: ``[batch]`` per-example values or
+  scalars of the global batch, averaged here (``losses.Supervised``: the
+  heads' losses; ``contrastive.Objective``: CLIP or SigLIP, which gathers
+  the batch over ``axis_name``).
+
+  Returns the new state and scalar metrics averaged over devices: the
+  objective's terms (``loss``, ``accuracy``, and per head with several),
   ``grad_norm`` (global, and ``grad_norm/<group>`` for each top-level part of
   the model), ``learning_rate``, and with uncertainty weighting each head's
   learned ``loss_weight/<head>`` (the one this update's loss used).
@@ -148,8 +154,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *,
     logits, updates = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch,
         train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-    terms = losses.head_terms(logits, batch, targets,
-                              params.get(losses.LOG_VARIANCES))
+    terms = objective(logits, batch, params, axis_name)
     return jnp.mean(terms["loss"]), (terms, updates)
 
   grads, (terms, updates) = jax.grad(loss_fn, has_aux=True)(state.params)

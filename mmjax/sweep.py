@@ -22,6 +22,11 @@ of its group::
         --workdir=/tmp/mmjax/ablations/mm_shapes_fusion
     python -m mmjax.sweep --sweep=... --workdir=... --report   # table only
 
+A variant may name its own experiment file (``config=``, e.g. a fine-tuning
+run after a pre-training one), and ``{workdir}`` in an override's value is
+the sweep's workdir, so a later variant can start from an earlier one's run:
+``overrides={"init_from": "{workdir}/clip_seed0"}`` (variants run in order).
+
 The table is printed and written to ``WORKDIR/report.md``, with a bar chart
 of the accuracies in ``WORKDIR/report.png``. ``--robustness`` also evaluates
 each finished run with ``python -m mmjax.evaluate --robustness`` (runs whose
@@ -72,11 +77,14 @@ class Variant:
     arg: the experiment file's argument string (``"fusion=film,..."``).
     overrides: ``{"train.steps": 3000}`` -> ``--config.train.steps=3000``.
     group: runs reported together (mean and std); defaults to ``name``.
+    config: the variant's experiment file; defaults to the sweep's
+      ``CONFIG``.
   """
   name: str
   arg: str = ""
   overrides: tuple[tuple[str, Any], ...] = ()
   group: str = ""
+  config: str = ""
 
   @property
   def group_name(self) -> str:
@@ -97,7 +105,7 @@ def load_sweep(path: str) -> tuple[str, list[Variant]]:
   spec.loader.exec_module(module)
   variants = [Variant(name=v["name"], arg=v.get("arg", ""),
                       overrides=tuple(v.get("overrides", {}).items()),
-                      group=v.get("group", ""))
+                      group=v.get("group", ""), config=v.get("config", ""))
               for v in module.get_sweep()]
   names = [v.name for v in variants]
   duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -109,10 +117,13 @@ def load_sweep(path: str) -> tuple[str, list[Variant]]:
 
 def command(config_path: str, variant: Variant, workdir: str) -> list[str]:
   """The ``mmjax.main`` command line of one variant."""
+  config_path = variant.config or config_path
   config = f"{config_path}:{variant.arg}" if variant.arg else config_path
   cmd = [sys.executable, "-m", "mmjax.main", f"--config={config}",
          f"--workdir={os.path.join(workdir, variant.name)}"]
   for key, value in variant.overrides:
+    if isinstance(value, str):
+      value = value.replace("{workdir}", workdir)
     if isinstance(value, (tuple, list)):
       # ``config_flags`` reads a tuple as a Python literal: "(8, 16)",
       # "('image',)". (``+`` joins tuples in the experiment file's argument,
@@ -266,7 +277,8 @@ def plot(variants: Sequence[Variant], workdir: str, path: str,
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  groups = {group: [r[split]["accuracy"] for r in results if r is not None]
+  groups = {group: [r[split]["accuracy"] for r in results
+                    if r is not None and "accuracy" in r[split]]
             for group, results in grouped_results(variants, workdir).items()}
   groups = {group: acc for group, acc in groups.items() if acc}
   fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(groups) + 1.5), 3.5))

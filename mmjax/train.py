@@ -20,6 +20,18 @@ seed ``s`` writes ``seed<s>/metrics.jsonl``, ``seed<s>/tb/`` and
 ``seed<s>/results.json`` as a run with ``config.seed = s`` would, and
 ``results.json`` holds their mean, standard deviation and each seed's
 results. The checkpoints hold all seeds' states, stacked.
+
+A two-tower contrastive config (``config.model.contrastive``: CLIP or SigLIP,
+``mmjax.contrastive``) trains with the same loop; its evaluation embeds each
+eval split and reports retrieval recall@1/5 both ways, its loss and, with
+``config.eval.zero_shot_prompts``, zero-shot accuracy (``embedding_metrics``).
+
+Warm starts: ``config.init_from`` (a run's workdir) copies that run's newest
+parameters and BatchNorm statistics into a new run; with
+``config.init_from_parts`` only the named top-level parts, as ``"target"``
+or ``"target=source"`` (e.g. ``("encoders_image",)``: a fusion model's image
+encoder from a contrastive run's image tower), the rest keeping its fresh
+initialisation.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import tqdm
 from mmjax import checkpoint as checkpoint_lib
 from mmjax import complexity
 from mmjax import config_lib
+from mmjax import contrastive
 from mmjax import losses
 from mmjax import metrics as metrics_lib
 from mmjax import models
@@ -87,6 +100,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   def evaluate(state, split: str) -> list[dict[str, float]]:
     """Each seed's mean metrics on ``split``."""
+    if isinstance(trainer.objective, contrastive.Objective):
+      return embedding_metrics(trainer.eval_step, state, config, split,
+                               vocabularies, trainer.objective, seeds.indices,
+                               place=dp.shard_batch)
     total = eval_sums(trainer.eval_step, state, config, split, vocabularies,
                       place=dp.shard_batch)
     return [metrics_lib.sums_to_means(metrics_lib.seed_slice(total, i))
@@ -118,7 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     else:
       start_step = 0
       if config.get("init_from"):
-        host_state = _warm_start(host_state, config.init_from, seeds)
+        host_state = _warm_start(host_state, config.init_from,
+                                 config.get("init_from_parts", ()), seeds)
     state = dp.replicate(host_state)
     del host_state
     programs = compile_steps(trainer, dp, state, config, vocabularies)
@@ -230,6 +248,65 @@ def eval_sums(eval_step: Callable[[Any, Any], dict[str, Any]], state: Any,
   for batch in pipeline.eval_batches(config, split, vocabularies):
     total = metrics_lib.add_sums(total, eval_step(state, place(batch)))
   return total
+
+
+def embedding_metrics(embed_step: Callable[[Any, Any], dict[str, Any]],
+                      state: Any, config: ml_collections.ConfigDict,
+                      split: str, vocabularies: dict[str, Vocabulary],
+                      objective: contrastive.Objective,
+                      seed_indices: list[int | None], *,
+                      place: Callable[[Any], Any] = lambda batch: batch
+                      ) -> list[dict[str, float]]:
+  """Each seed's retrieval metrics on ``split`` (``contrastive.
+  split_metrics``): ``embed_step`` (``contrastive.embed_step``, data
+  parallel) embeds every batch of the split, and the prompts of
+  ``config.eval.zero_shot_prompts`` (if any) as texts of one more batch."""
+  outputs = [jax.device_get(embed_step(state, place(batch))) for batch in
+             pipeline.eval_batches(config, split, vocabularies)]
+  prompts = tuple(config.eval.get("zero_shot_prompts", ()))
+  prompt_batch = (_prompt_batch(config, split, vocabularies, objective,
+                                prompts) if prompts else None)
+  prompt_outputs = (jax.device_get(embed_step(state, place(prompt_batch)))
+                    if prompts else None)
+  image_side, text_side = objective.modalities
+  per_seed = []
+  for index in seed_indices:
+    seed_outputs = [metrics_lib.seed_slice(o, index) for o in outputs]
+    real = lambda key: np.concatenate(
+        [o[key][o[pipeline.MASK_KEY]] for o in seed_outputs])
+    prompt_kwargs = {}
+    if prompts:
+      embedded = metrics_lib.seed_slice(prompt_outputs, index)
+      prompt_kwargs = dict(
+          prompts_CxD=embedded[text_side][:len(prompts)],
+          prompt_keys_CxK=embedded[contrastive.TEXT_KEYS][:len(prompts)])
+    per_seed.append(contrastive.split_metrics(
+        real(image_side), real(text_side), real(contrastive.TEXT_KEYS),
+        float(seed_outputs[0][contrastive.LOG_SCALE]),
+        float(seed_outputs[0][contrastive.BIAS]), objective=objective,
+        **prompt_kwargs))
+  return per_seed
+
+
+def _prompt_batch(config: ml_collections.ConfigDict, split: str,
+                  vocabularies: dict[str, Vocabulary],
+                  objective: contrastive.Objective,
+                  prompts: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """An eval batch of ``split`` whose first texts are the ``prompts``,
+  tokenized as the pipeline tokenizes the text side."""
+  text_side = objective.modalities[1]
+  batch = {k: np.array(v) for k, v in pipeline.first_eval_batch(
+      config, split, vocabularies).items()}
+  rows, max_len = batch[text_side].shape
+  if len(prompts) > rows:
+    raise ValueError(f"config.eval.zero_shot_prompts has {len(prompts)} "
+                     f"prompts; at most config.eval.batch_size={rows}.")
+  vocabulary = vocabularies[text_side]
+  ids = vocabulary.encode_batch(np.array(prompts, object), max_len)
+  batch[text_side][:len(prompts)] = ids
+  if f"{text_side}_mask" in batch:
+    batch[f"{text_side}_mask"][:len(prompts)] = ids != vocabulary.pad_id
+  return batch
 
 
 def compile_steps(trainer: "Trainer", dp: parallel.DataParallel, state: Any,
@@ -378,7 +455,10 @@ class Trainer:
 
   Attributes:
     model: the assembled model.
-    targets: head -> its ``losses.Task`` (label field, loss weight, loss).
+    targets: head -> its ``losses.Task`` (label field, loss weight, loss);
+      empty for a two-tower model.
+    objective: the train step's loss (``losses.Supervised`` or
+      ``contrastive.Objective``).
     seeds: the seeds trained; with several, every leaf of the state, metrics
       and eval sums has a leading ``[seeds]`` axis.
     train_batches: local train batches, indexed by step (``[local_batch,
@@ -387,10 +467,12 @@ class Trainer:
     host_state: the initial train state, one copy in host memory.
     train_step: ``(state, batch) -> (state, metrics)`` over all devices of
       ``dp``; ``train_step.lower(state, batch)`` compiles it ahead of time.
-    eval_step: ``(state, batch) -> sums`` of eval metrics over all devices.
+    eval_step: ``(state, batch) -> sums`` of eval metrics over all devices
+      (a two-tower model: ``contrastive.embed_step``'s embeddings).
   """
-  model: models.MultimodalModel
+  model: models.MultimodalModel | models.TwoTowerModel
   targets: dict[str, losses.Task]
+  objective: Callable[..., dict[str, Any]]
   seeds: Seeds
   train_batches: grain.MapDataset
   host_state: steps.TrainState
@@ -408,7 +490,9 @@ def build_trainer(config: ml_collections.ConfigDict,
   Draws only from ``config.seed`` (and the following seeds, with
   ``config.train.num_seeds``): the same config gives the same state.
   """
-  targets = losses.head_targets(config.model.heads)
+  objective = contrastive_objective(config)
+  targets = {} if objective else losses.head_targets(config.model.heads)
+  objective = objective or losses.Supervised(targets)
   model = model_of(config, vocabularies, builder, axis_name=parallel.AXIS)
   schedule = optim.make_schedule(config.optim, config.train.steps)
   tx = optim.make_optimizer(config.optim, schedule)
@@ -432,20 +516,39 @@ def build_trainer(config: ml_collections.ConfigDict,
 
   train_step = functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
-      targets=targets,
+      objective=objective,
       skip_nonfinite_updates=config.train.skip_nonfinite_updates)
-  eval_step = functools.partial(steps.eval_step, model=model, targets=targets,
-                                mask_key=pipeline.MASK_KEY)
+  if isinstance(objective, contrastive.Objective):
+    eval_step = functools.partial(contrastive.embed_step, model=model,
+                                  objective=objective,
+                                  mask_key=pipeline.MASK_KEY)
+  else:
+    eval_step = functools.partial(steps.eval_step, model=model,
+                                  targets=targets, mask_key=pipeline.MASK_KEY)
   if seeds.stacked:
     vectorize = _seeds_program(config) == "vmap"
     train_step = steps.over_seeds(train_step, vectorize=vectorize,
                                   batch_axis=1 if own_data else None)
     eval_step = steps.over_seeds(eval_step, batch_axis=None,
                                  vectorize=vectorize)
-  return Trainer(model=model, targets=targets, seeds=seeds,
+  return Trainer(model=model, targets=targets, objective=objective,
+                 seeds=seeds,
                  train_batches=train_batches, host_state=host_state,
                  train_step=dp.train_step(train_step),
                  eval_step=dp.eval_step(eval_step))
+
+
+def contrastive_objective(config: ml_collections.ConfigDict
+                          ) -> contrastive.Objective | None:
+  """``config.model.contrastive`` as the train step's objective; None for a
+  fusion model."""
+  settings = config.model.get("contrastive")
+  if not settings:
+    return None
+  return contrastive.Objective(
+      loss=settings.loss, modalities=tuple(config.model.modalities),
+      positives=settings.get("positives", "same_text"),
+      chunked=settings.get("chunked", False))
 
 
 def model_of(config: ml_collections.ConfigDict,
@@ -456,7 +559,7 @@ def model_of(config: ml_collections.ConfigDict,
   number of classes (from the dataset's class-label features)."""
   features = builder.info.features
   targets = [task.target for task in
-             losses.head_targets(config.model.heads).values()]
+             losses.head_targets(config.model.get("heads", {})).values()]
   return models.build_model(
       config.model,
       vocab_sizes={k: v.size for k, v in vocabularies.items()},
@@ -601,24 +704,52 @@ def _check_batch_has(batch: dict[str, np.ndarray], keys: list[str],
 
 
 def _warm_start(state: steps.TrainState, init_from: str,
-                seeds: Seeds) -> steps.TrainState:
+                parts: tuple[str, ...], seeds: Seeds) -> steps.TrainState:
   """``state`` with the parameters (and BatchNorm statistics) of the newest
-  checkpoint of ``init_from``; a one-seed checkpoint starts every seed."""
+  checkpoint of ``init_from``: all of them, or only the top-level ``parts``
+  (``"target"`` or ``"target=source"``). A one-seed checkpoint starts every
+  seed."""
   try:
     params, batch_stats, step = checkpoint_lib.load_params(init_from)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"config.init_from: {e}") from None
-  if seeds.stacked and _lacks_seed_axis(params, state.params):
-    every_seed = lambda x: np.broadcast_to(x, (len(seeds.values),) + x.shape)
-    params = jax.tree.map(every_seed, params)
-    batch_stats = jax.tree.map(every_seed, batch_stats)
-  checkpoint_lib.check_same_structure(params, state.params, "init_from")
-  print(f"Warm start: parameters from {init_from} (step {step}).", flush=True)
-  cast = lambda new, old: np.asarray(new, old.dtype)
-  return state.replace(
-      params=jax.tree.map(cast, params, state.params),
-      batch_stats=(jax.tree.map(cast, batch_stats, state.batch_stats)
-                   if state.batch_stats else state.batch_stats))
+  if not parts:
+    print(f"Warm start: parameters from {init_from} (step {step}).",
+          flush=True)
+    return state.replace(
+        params=_adopt(params, state.params, seeds, "init_from"),
+        batch_stats=(_adopt(batch_stats, state.batch_stats, seeds,
+                            "init_from") if state.batch_stats
+                     else state.batch_stats))
+  new_params, new_stats = dict(state.params), dict(state.batch_stats)
+  for target, source in map(config_lib.parse_part, parts):
+    where = f"config.init_from_parts {target}={source}"
+    if source not in params:
+      raise ValueError(f"{where}: {init_from} has no part {source!r}; it has "
+                       f"{', '.join(sorted(params))}.")
+    if target not in state.params:
+      raise ValueError(f"{where}: this model has no part {target!r}; it has "
+                       f"{', '.join(sorted(state.params))}.")
+    new_params[target] = _adopt(params[source], state.params[target], seeds,
+                                where)
+    if target in state.batch_stats:
+      new_stats[target] = _adopt(batch_stats.get(source, {}),
+                                 state.batch_stats[target], seeds, where)
+    print(f"Warm start: {target} from {init_from}:{source} (step {step}).",
+          flush=True)
+  return state.replace(params=new_params, batch_stats=new_stats)
+
+
+def _adopt(loaded: Any, current: Any, seeds: Seeds, what: str) -> Any:
+  """``loaded`` in place of ``current`` (same structure and shapes, checked;
+  cast to ``current``'s dtypes), broadcast over the seeds where ``current``
+  is stacked and ``loaded`` is not."""
+  if seeds.stacked and _lacks_seed_axis(loaded, current):
+    loaded = jax.tree.map(
+        lambda x: np.broadcast_to(x, (len(seeds.values),) + x.shape), loaded)
+  checkpoint_lib.check_same_structure(loaded, current, what)
+  return jax.tree.map(lambda new, old: np.asarray(new, old.dtype), loaded,
+                      current)
 
 
 def _lacks_seed_axis(loaded: Any, stacked: Any) -> bool:
@@ -661,19 +792,22 @@ def _summary(results: dict[str, Any]) -> str:
   for split in ("validation", "test"):
     if split not in results:
       continue
-    accuracy, loss = results[split]["accuracy"], results[split]["loss"]
+    names = [k for k in ("accuracy", "recall@1/image_to_text",
+                         "recall@1/text_to_image", "accuracy/zero_shot",
+                         "loss") if k in results[split]]
     if "std" in results:
       std = results["std"][split]
-      lines.append(f"  {split}: accuracy {accuracy:.4f} ± "
-                   f"{std['accuracy']:.4f}, loss {loss:.4f} ± "
-                   f"{std['loss']:.4f} (mean ± std over seeds)")
+      lines.append(f"  {split}: " + ", ".join(
+          f"{k} {results[split][k]:.4f} ± {std[k]:.4f}" for k in names) +
+                   " (mean ± std over seeds)")
     else:
-      lines.append(f"  {split}: accuracy {accuracy:.4f}, loss {loss:.4f}")
+      lines.append(f"  {split}: " + ", ".join(
+          f"{k} {results[split][k]:.4f}" for k in names))
   if "best" in results:
     best = results["best"]
     at = (f"step {best['step']}" if "step" in best else
           "steps " + ", ".join(map(str, best["steps"])))
     test = (f": test accuracy {best['test']['accuracy']:.4f}"
-            if "test" in best else "")
+            if "accuracy" in best.get("test", {}) else "")
     lines.append(f"  best {best['metric']} at {at}{test}")
   return "\n".join(lines)

@@ -97,26 +97,31 @@ def test_gradients_match_finite_differences_and_the_scale_learns():
       assert aligned < 0
 
 
-@pytest.mark.parametrize("loss_name, chunked", [("clip", False),
-                                                ("siglip", False),
-                                                ("siglip", True)])
-def test_global_batch_loss_over_devices_equals_one_device(loss_name, chunked):
+@pytest.mark.parametrize("loss_name, chunked, with_keys",
+                         [("clip", False, False), ("siglip", False, False),
+                          ("siglip", True, False), ("clip", False, True),
+                          ("siglip", False, True), ("siglip", True, True)])
+def test_global_batch_loss_over_devices_equals_one_device(loss_name, chunked,
+                                                         with_keys):
   devices = jax.devices()[:4]
   assert len(devices) == 4
   image, text = _pairs(4, batch=16, dim=6)
+  # Repeated texts across devices: keys 0-4 over 16 pairs.
+  keys = np.arange(16)[:, None] % 5 if with_keys else None
   if loss_name == "clip":
-    loss = lambda i, t, s, axis_name: contrastive.clip_loss(
-        i, t, s, axis_name=axis_name)
+    loss = lambda i, t, s, k, axis_name: contrastive.clip_loss(
+        i, t, s, axis_name=axis_name, text_keys_BxK=k)
   else:
-    loss = lambda i, t, s, axis_name: contrastive.siglip_loss(
-        i, t, s, jnp.float32(-2.0), axis_name=axis_name, chunked=chunked)
+    loss = lambda i, t, s, k, axis_name: contrastive.siglip_loss(
+        i, t, s, jnp.float32(-2.0), axis_name=axis_name, chunked=chunked,
+        text_keys_BxK=k)
   scale = jnp.float32(1.5)
   value_and_grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
   one_value, (one_image, one_text, one_scale) = value_and_grad(
-      image, text, scale, None)
+      image, text, scale, keys, None)
 
-  def per_device(i, t, s):
-    value, (gi, gt, gs) = value_and_grad(i, t, s, "batch")
+  def per_device(i, t, s, k):
+    value, (gi, gt, gs) = value_and_grad(i, t, s, k, "batch")
     # As steps.train_step does with parameter gradients: mean over devices.
     # The embeddings' gradients are per row; each device's rows get the
     # summed contributions of every device's copy of the loss.
@@ -125,13 +130,84 @@ def test_global_batch_loss_over_devices_equals_one_device(loss_name, chunked):
 
   mesh = Mesh(np.array(devices), ("batch",))
   sharded = jax.jit(jax.shard_map(
-      per_device, mesh=mesh, in_specs=(P("batch"), P("batch"), P()),
+      per_device, mesh=mesh,
+      in_specs=(P("batch"), P("batch"), P(), P("batch") if with_keys else P()),
       out_specs=(P(), P("batch"), P("batch"), P()), check_vma=False))
-  value, grad_image, grad_text, grad_scale = sharded(image, text, scale)
+  value, grad_image, grad_text, grad_scale = sharded(image, text, scale, keys)
   np.testing.assert_allclose(value, one_value, rtol=1e-5)
   np.testing.assert_allclose(grad_scale, one_scale, rtol=1e-4)
   np.testing.assert_allclose(grad_image, one_image, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(grad_text, one_text, rtol=1e-4, atol=1e-6)
+
+
+def _numpy_clip_with_positives(image, text, log_scale, positive):
+  """CLIP's cross-entropy with each row's (column's) target spread evenly
+  over its positives (UniCL), in float64."""
+  logits = _normalized(image) @ _normalized(text).T * np.exp(log_scale)
+  def xent(l, p):
+    log_softmax = l - np.log(np.exp(l).sum(1, keepdims=True))
+    return np.mean(-(p * log_softmax).sum(1) / p.sum(1))
+  return (xent(logits, positive) + xent(logits.T, positive.T)) / 2
+
+
+def test_repeated_texts_are_positives():
+  image, text = _pairs(5, batch=8)
+  keys = np.array([[0], [1], [0], [2], [3], [1], [4], [0]])
+  positive = keys == keys.T
+  image64, text64 = image.astype(np.float64), text.astype(np.float64)
+  np.testing.assert_allclose(
+      contrastive.clip_loss(image, text, jnp.float32(0.7), text_keys_BxK=keys),
+      _numpy_clip_with_positives(image64, text64, 0.7, positive), rtol=1e-5)
+  logits = _normalized(image64) @ _normalized(text64).T * np.exp(0.7) - 1.0
+  labels = np.where(positive, 1.0, -1.0)
+  np.testing.assert_allclose(
+      contrastive.siglip_loss(image, text, jnp.float32(0.7), jnp.float32(-1.0),
+                              text_keys_BxK=keys),
+      np.sum(np.logaddexp(0, -labels * logits)) / 8, rtol=1e-5)
+  # Keys that are all different give the papers' losses.
+  unique = np.arange(8)[:, None] * 3
+  for loss, args in ((contrastive.clip_loss, (0.7,)),
+                     (contrastive.siglip_loss, (0.7, -1.0))):
+    args = tuple(map(jnp.float32, args))
+    np.testing.assert_allclose(loss(image, text, *args, text_keys_BxK=unique),
+                               loss(image, text, *args), rtol=1e-6)
+
+
+def test_objective_reports_in_batch_accuracy_with_positives():
+  eye = np.eye(4, dtype=np.float32)
+  image, text = eye, eye[[1, 0, 2, 3]]  # Texts 0 and 1 swapped.
+  params = {contrastive.LOGIT_SCALE: {"log_scale": jnp.float32(0.0)}}
+  for positives, accuracy in (("pair", 0.5), ("same_text", 1.0)):
+    objective = contrastive.Objective("clip", ("image", "caption"), positives)
+    # Captions 0 and 1 are the same text.
+    batch = {"caption": np.array([[3, 4], [3, 4], [5, 0], [6, 0]])}
+    terms = objective({"image": image, "caption": text}, batch, params, None)
+    assert float(terms["accuracy"]) == accuracy
+    assert float(terms["logit_scale"]) == 1.0
+    assert "logit_bias" not in terms
+
+
+def test_split_metrics_on_hand_made_embeddings():
+  eye = np.eye(4, dtype=np.float32)
+  keys = np.array([[5], [5], [7], [9]])  # Pairs 0 and 1 share their text.
+  image, text = eye, eye[[1, 0, 3, 2]]
+  objective = contrastive.Objective("clip", ("image", "caption"))
+  metrics = contrastive.split_metrics(
+      image, text, keys, 0.0, 0.0, objective=objective,
+      prompts_CxD=eye[[2, 3]], prompt_keys_CxK=np.array([[7], [9]]))
+  # Images 0 and 1 find a text identical to theirs; 2 and 3 the other's.
+  assert metrics["recall@1/image_to_text"] == 0.5
+  assert metrics["recall@1/text_to_image"] == 0.5
+  assert metrics["recall@5/image_to_text"] == 1.0
+  # Images 2 and 3 have a prompt's text and are closest to that prompt.
+  assert metrics["accuracy/zero_shot"] == 1.0
+  ids = np.array([[0], [0], [1], [2]])
+  np.testing.assert_allclose(metrics["loss"], contrastive.clip_loss(
+      image, text, jnp.float32(0.0), text_keys_BxK=ids), rtol=1e-6)
+  # No image has a prompt's text: no zero-shot accuracy.
+  assert "accuracy/zero_shot" not in contrastive.split_metrics(
+      image, text, keys, 0.0, 0.0, objective=objective,
+      prompts_CxD=eye[[2]], prompt_keys_CxK=np.array([[8]]))
 
 
 def test_recall_at_k_on_a_hand_made_matrix():

@@ -191,7 +191,7 @@ def test_train_step_in_bfloat16_keeps_float32_state_and_loss():
   assert loss_value.dtype == F32
   step = jax.jit(functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
-      targets=targets, axis_name=None))
+      objective=losses.Supervised(targets), axis_name=None))
   new_state, metrics = step(state, batch)
   for tree in (grads, new_state.params, new_state.opt_state,
                new_state.batch_stats):

@@ -177,7 +177,8 @@ def test_uncertainty_weights_are_trained_params_moving_towards_log_loss():
   assert all(float(v) == 0.0 for v in s_before.values())  # Unit weights.
   step = jax.jit(functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
-      targets=losses.head_targets(model_config.heads), axis_name=None))
+      objective=losses.Supervised(losses.head_targets(model_config.heads)),
+      axis_name=None))
   state, metrics = step(state, batch)
   assert metrics["loss_weight/answer"] == metrics["loss_weight/small"] == 1.0
   assert float(metrics["grad_norm/loss_weighting"]) > 0

@@ -53,7 +53,7 @@ def _train_losses(backend, devices):
   state = dp.replicate(state)
   train_step = functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
-      targets=losses.head_targets(config.model.heads))
+      objective=losses.Supervised(losses.head_targets(config.model.heads)))
 
   chex.clear_trace_counter()  # Counts are kept per source line, across runs.
 

@@ -168,7 +168,7 @@ def test_seed_steps_equal_separate_steps():
   batches = list(test_parallel._batches())
   one_step = functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
-      targets=losses.head_targets(config.model.heads))
+      objective=losses.Supervised(losses.head_targets(config.model.heads)))
   separate_step = jax.jit(functools.partial(one_step, axis_name=None))
   rngs = [jax.random.PRNGKey(seed) for seed in range(SEEDS)]
   per_seed = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *batches)
@@ -247,7 +247,7 @@ def test_init_from_a_one_seed_run_starts_every_seed(runs, data_dir):
   vocabularies = {"question": pipeline.build_vocabulary(config, "question")}
   trainer = train.build_trainer(config, parallel.DataParallel(), vocabularies,
                                 pipeline.ensure_prepared(config))
-  started = train._warm_start(trainer.host_state, str(runs / "seed0"),
+  started = train._warm_start(trainer.host_state, str(runs / "seed0"), (),
                               trainer.seeds)
   (params, batch_stats), _ = _seed_params(runs / "seed0")
   for seed in range(SEEDS):

@@ -31,7 +31,8 @@ def _setup(skip):
   state = steps.create_train_state(model, tx, batch, jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
-      targets=losses.head_targets(config.model.heads), axis_name=None,
+      objective=losses.Supervised(losses.head_targets(config.model.heads)),
+      axis_name=None,
       skip_nonfinite_updates=skip))
   return state, step, batch
 

@@ -32,6 +32,7 @@ ABLATIONS = sorted(glob.glob(os.path.join(ROOT, "experiments", "ablations",
 
 def _configured(config_path: str, variant: sweep.Variant):
   """The config a variant's command line gives."""
+  config_path = variant.config or config_path
   name = os.path.splitext(os.path.basename(config_path))[0]
   config = load_experiment(name).get_config(variant.arg)
   for key, value in variant.overrides:
@@ -74,7 +75,8 @@ def test_every_variant_is_a_valid_config_whose_model_builds(path):
     key = json.dumps(config.to_dict(), sort_keys=True, default=str)
     assert key not in seen, f"{variant.name} repeats another variant"
     seen.add(key)
-    num_classes = {h.target: 10 for h in config.model.heads.values()}
+    heads = config.model.get("heads", {})
+    num_classes = {h.target: 10 for h in heads.values()}
     model = models.build_model(
         config.model, vocab_sizes=dict.fromkeys(config.model.modalities, 10),
         num_classes=num_classes, axis_name=None)
@@ -87,6 +89,11 @@ def test_every_variant_is_a_valid_config_whose_model_builds(path):
         jax.random.PRNGKey(0), batch)
     assert {k.split("_", 1)[1] for k in variables["params"]
             if k.startswith("encoders_")} == set(config.model.modalities)
+    if config.model.get("contrastive"):  # A two-tower model: embeddings.
+      width = config.model.contrastive.embed_dim
+      assert {m: x.shape for m, x in logits.items()} == {
+          m: (2, width) for m in config.model.modalities}, variant.name
+      continue
     assert {head: x.shape for head, x in logits.items()} == {
         head: (2, 1 if losses.LOSSES[h.get("loss", "softmax_xent")].regression
                else h.get("num_classes", num_classes[h.target]))
