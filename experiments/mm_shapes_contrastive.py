@@ -20,7 +20,9 @@ Variants, as ``--config=experiments/mm_shapes_contrastive.py:<arg>,<arg>``:
   loss=siglip           SigLIP's sigmoid loss (Zhai et al. 2023)
   positives=same_text   pairs with identical captions are positives
                         (default): on ``simple`` half the examples of a
-                        batch share their caption with another
+                        batch share their caption with another. It changes
+                        SigLIP's loss; CLIP's is the same either way while
+                        equal captions embed equally (mmjax/contrastive.py)
   positives=pair        only the pair itself, as the papers (every other
                         caption of the batch is a negative)
   dataset=relational    3-6 objects with sizes: captions are nearly unique

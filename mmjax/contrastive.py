@@ -36,7 +36,13 @@ labels it +1, and CLIP's cross-entropy spreads each row's (column's) target
 evenly over its positives, as UniCL does for pairs that share a label (Yang
 et al. 2022, "Unified Contrastive Learning in Image-Text-Label Space",
 arXiv:2204.03610). Without keys, only the diagonal is positive, as in the
-papers. This option is mmjax's, for datasets with repeated texts.
+papers. This option is mmjax's, for datasets with repeated texts. For CLIP
+it changes nothing when equal texts get equal embeddings (a text tower
+without dropout): each image's logits to the copies of its text are then
+equal, so the spread target gives each row the same cross-entropy, and each
+text's column terms, spread or not, sum to the same total over the copies
+(``tests/test_contrastive.py`` checks it). SigLIP, which scores each pair on
+its own, labels the copies -1 without keys and +1 with them.
 
 Retrieval: ``recall_at_k`` and ``zero_shot_accuracy`` score similarity
 matrices on the host; ``retrieval_metrics`` computes a split's metrics from

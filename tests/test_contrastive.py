@@ -173,6 +173,20 @@ def test_repeated_texts_are_positives():
                                loss(image, text, *args), rtol=1e-6)
 
 
+def test_clip_is_unchanged_by_positives_when_equal_texts_embed_equally():
+  image, text = _pairs(6, batch=8)
+  keys = np.array([[0], [1], [0], [2], [3], [1], [4], [0]])
+  text = text[keys[:, 0]]  # Equal keys, equal embeddings.
+  scale = jnp.float32(1.3)
+  np.testing.assert_allclose(
+      contrastive.clip_loss(image, text, scale, text_keys_BxK=keys),
+      contrastive.clip_loss(image, text, scale), rtol=1e-6)
+  assert not np.isclose(
+      contrastive.siglip_loss(image, text, scale, jnp.float32(-1.0),
+                              text_keys_BxK=keys),
+      contrastive.siglip_loss(image, text, scale, jnp.float32(-1.0)))
+
+
 def test_objective_reports_in_batch_accuracy_with_positives():
   eye = np.eye(4, dtype=np.float32)
   image, text = eye, eye[[1, 0, 2, 3]]  # Texts 0 and 1 swapped.
