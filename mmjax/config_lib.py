@@ -133,10 +133,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` naming the first problem found in ``config``."""
-  import mmjax.encoders  # pylint: disable=g-import-not-at-top,unused-import
-  import mmjax.fusion  # pylint: disable=g-import-not-at-top,unused-import
-  import mmjax.heads  # pylint: disable=g-import-not-at-top,unused-import
-  import mmjax.data.preprocess  # pylint: disable=g-import-not-at-top,unused-import
+  registry.register_all()
   model = config.model
   modalities = tuple(model.modalities)
   if not modalities:

@@ -218,10 +218,7 @@ def build_model(model_config: ml_collections.ConfigDict, *,
     axis_name: the data-parallel axis, given to every part with an
       ``axis_name`` attribute (synchronised BatchNorm statistics).
   """
-  import mmjax.encoders  # pylint: disable=g-import-not-at-top,unused-import
-  import mmjax.fusion  # pylint: disable=g-import-not-at-top,unused-import
-  import mmjax.heads  # pylint: disable=g-import-not-at-top,unused-import
-
+  registry.register_all()
   model_wide = {"axis_name": axis_name,
                 "dtype": jnp.dtype(model_config.get("dtype", "float32"))}
   encoders = {}

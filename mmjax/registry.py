@@ -10,10 +10,13 @@ an experiment file uses::
     ENCODERS.get("cnn")  # -> ConvEncoder
 
 An unknown name raises a ``ValueError`` that lists the valid names.
+``register_all()`` imports every module that registers parts, so that the
+registries are complete before a config is checked or a model built.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -55,3 +58,14 @@ ENCODERS = Registry("encoder")
 FUSIONS = Registry("fusion")
 HEADS = Registry("head")
 OPS = Registry("preprocessing op")
+
+
+# The packages and modules whose import registers parts.
+PART_MODULES = ("mmjax.encoders", "mmjax.fusion", "mmjax.heads",
+                "mmjax.data.preprocess")
+
+
+def register_all() -> None:
+  """Imports every module of ``PART_MODULES`` (once; later calls are free)."""
+  for module in PART_MODULES:
+    importlib.import_module(module)
