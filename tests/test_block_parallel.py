@@ -6,8 +6,8 @@ of 8, once on a single device and once split over the 4 simulated devices by
 devices) and updated BatchNorm statistics must match: this is what catches a
 block that normalises or pools over the local batch only.
 
-The cases come from each block's test file (``PARALLEL_CASES``), plus the
-blocks defined below. Every block runs under ``pmap``; under ``shard_map``
+The cases are ``block_cases.CASES``, small versions of the blocks of each
+block's own test file. Every block runs under ``pmap``; under ``shard_map``
 (the same per-device code, mapped differently) the blocks that communicate
 across devices (BatchNorm over ``axis_name``) and one of each other kind
 run, which keeps the suite's time in budget.
@@ -23,66 +23,8 @@ import pytest
 from jax import lax
 
 from mmjax import parallel
-from mmjax.encoders import Encoding
-from mmjax.encoders.image import ConvEncoder
-from mmjax.encoders.text import LSTMEncoder
-from mmjax.fusion.concat import ConcatFusion
-from mmjax.fusion.film import FiLMFusion
-from mmjax.fusion.gated import GatedFusion
-from mmjax.fusion.multiplicative import MultiplicativeFusion
-from mmjax.fusion.tensor import LowRankFusion, TensorFusion
-import test_encoder_zoo
-import test_fusion_attention
-import test_fusion_bilinear
 
-B = 8  # Global batch: 2 examples on each of 4 devices.
-
-
-def _rng(i):
-  return np.random.default_rng(i)
-
-
-def _images():
-  return (_rng(0).normal(size=(B, 16, 16, 3)).astype(np.float32),)
-
-
-def _tokens():
-  mask = np.arange(6)[None] < _rng(1).integers(1, 7, B)[:, None]
-  return (_rng(2).integers(1, 20, (B, 6)) * mask).astype(np.int32), mask
-
-
-def _pooled(num):
-  return ({f"m{i}": Encoding(pooled=_rng(3 + i).normal(size=(B, 4 + i)).astype(
-      np.float32)) for i in range(num)},)
-
-
-def _film_inputs():
-  _, mask = _tokens()
-  return ({"image": Encoding(pooled=_rng(5).normal(size=(B, 4)).astype(np.float32),
-                             tokens=_rng(6).normal(size=(B, 4, 4, 8)).astype(np.float32)),
-           "question": Encoding(pooled=_rng(7).normal(size=(B, 10)).astype(np.float32),
-                                tokens=_rng(8).normal(size=(B, 6, 8)).astype(np.float32),
-                                mask=mask)},)
-
-
-CASES = {
-    "cnn": (lambda axis: ConvEncoder(features=(4, 8), dim=8, axis_name=axis),
-            _images),
-    "lstm": (lambda axis: LSTMEncoder(vocab_size=20, embed_dim=4, hidden=8),
-             _tokens),
-    "concat": (lambda axis: ConcatFusion(hidden=(8,)), lambda: _pooled(3)),
-    "film": (lambda axis: FiLMFusion(target="image", num_blocks=1, channels=8,
-                                     dim=8, axis_name=axis), _film_inputs),
-    "tensor": (lambda axis: TensorFusion(dim=8, project=3), lambda: _pooled(3)),
-    "low_rank": (lambda axis: LowRankFusion(rank=2, dim=8), lambda: _pooled(3)),
-    "gated": (lambda axis: GatedFusion(dim=8), lambda: _pooled(3)),
-    "multiplicative": (lambda axis: MultiplicativeFusion(form="matrix", dim=8),
-                       lambda: _pooled(2)),
-}
-for _module in (test_encoder_zoo, test_fusion_bilinear, test_fusion_attention):
-  for _name, _case in _module.PARALLEL_CASES.items():
-    assert _name not in CASES, f"duplicate parallel case {_name}"
-    CASES[_name] = _case
+from block_cases import CASES
 
 
 def _without_dropout(module):
@@ -104,8 +46,8 @@ def _block_step(variables, inputs, *, make_module, axis_name):
     leaves = [x for x in jax.tree.leaves(out)
               if jnp.issubdtype(x.dtype, jnp.floating)]
     # A fixed projection of each output, the same for every example.
-    total = sum(jnp.sum(x * _rng(10 + i).normal(size=x.shape[1:]))
-                for i, x in enumerate(leaves))
+    total = sum(jnp.sum(x * np.random.default_rng(10 + i).normal(
+        size=x.shape[1:])) for i, x in enumerate(leaves))
     return total, (out, new_state)
 
   grads, (out, new_state) = jax.grad(loss, has_aux=True)(variables["params"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -20,106 +18,14 @@ from mmjax.fusion.film import FiLMFusion
 from mmjax.heads import ClassifierHead
 from mmjax.registry import ENCODERS, FUSIONS, HEADS
 
-B = 4  # Batch size.
-T = 6  # Question length.
-
-
-def _key(i: int) -> jax.Array:
-  # The "rbg" generator, because on CPU the default threefry (partitionable
-  # since jax 0.5) takes seconds to compile for each new parameter shape.
-  return jax.random.key(i, impl="rbg")
-
-
-def _init(module, *args, **kwargs):
-  return module.init({"params": _key(0), "dropout": _key(1)}, *args,
-                     train=False, **kwargs)
-
-
-def _apply(module, variables, *args, train: bool):
-  """Applies ``module``; in training also returns the updated batch stats."""
-  return module.apply(variables, *args, train=train,
-                      mutable=["batch_stats"] if train else False,
-                      rngs={"dropout": _key(2)})
-
-
-def assert_jit_agrees(module, variables, *args):
-  """Asserts jitted and eager application agree, in eval and training mode."""
-  for train in (False, True):
-    f = functools.partial(_apply, module, train=train)
-    eager = f(variables, *args)
-    jitted = jax.jit(f)(variables, *args)
-    chex.assert_trees_all_close(jitted, eager, atol=1e-5, rtol=1e-5)
-
-
-def assert_every_param_gets_grad(module, variables, *args):
-  """Asserts each parameter leaf gets some non-zero gradient in training.
-
-  The loss is a fixed random projection of every float output leaf, so no
-  output direction is favoured and no gradient cancels by symmetry.
-  """
-  params = variables["params"]
-  rest = {k: v for k, v in variables.items() if k != "params"}
-
-  def loss(p):
-    out, _ = _apply(module, {"params": p, **rest}, *args, train=True)
-    leaves = [x for x in jax.tree.leaves(out)
-              if jnp.issubdtype(x.dtype, jnp.floating)]
-    return sum(jnp.sum(x * np.random.default_rng(i).normal(size=x.shape))
-               for i, x in enumerate(leaves))
-
-  grads = jax.jit(jax.grad(loss))(params)
-  dead = [jax.tree_util.keystr(path)
-          for path, g in jax.tree_util.tree_leaves_with_path(grads)
-          if not np.any(np.asarray(g))]
-  assert jax.tree.leaves(grads), "module has no parameters"
-  assert not dead, f"parameters with all-zero gradient: {dead}"
-
-
-def check_registered_fusion(name: str, cls, kwargs: dict,
-                            encs: dict[str, Encoding]):
-  """Checks the fusion block registered as ``name`` is ``cls`` and, built
-  with ``kwargs`` on ``encs``: gives finite outputs, agrees under jit and
-  gives every parameter a gradient. Returns its eval-mode output."""
-  assert FUSIONS.get(name) is cls
-  fusion = cls(**kwargs)
-  variables = _init(fusion, encs)
-  out = fusion.apply(variables, encs, train=False)
-  chex.assert_tree_all_finite(out)
-  assert_jit_agrees(fusion, variables, encs)
-  assert_every_param_gets_grad(fusion, variables, encs)
-  return out
-
-
-def _param_count(module, *args, **kwargs) -> int:
-  shapes = jax.eval_shape(functools.partial(_init, module, **kwargs), *args)
-  return sum(x.size for x in jax.tree.leaves(shapes.get("params", {})))
+from helpers import (B, T, apply_module, assert_every_param_gets_grad,
+                     assert_jit_agrees, image_encoding, init_module,
+                     padded_question, param_count, pooled_encoding, rbg_key,
+                     sequence_encoding)
 
 
 def _images(h=16, w=16, c=3):
-  return jax.random.normal(_key(10), (B, h, w, c))
-
-
-def _question(vocab=20):
-  ids = jax.random.randint(_key(11), (B, T), 0, vocab)
-  lengths = jnp.array([T, 4, 1, 3])
-  mask = jnp.arange(T)[None] < lengths[:, None]
-  return ids, mask
-
-
-def _vec(i: int, dim: int) -> Encoding:
-  return Encoding(pooled=jax.random.normal(_key(20 + i), (B, dim)))
-
-
-def _image_enc(h=4, c=8) -> Encoding:
-  return Encoding(pooled=jax.random.normal(_key(30), (B, 12)),
-                  tokens=jax.random.normal(_key(31), (B, h, h, c)))
-
-
-def _seq_enc(d=8) -> Encoding:
-  _, mask = _question()
-  tokens = jax.random.normal(_key(32), (B, T, d)) * mask[..., None]
-  return Encoding(pooled=jax.random.normal(_key(33), (B, 10)), tokens=tokens,
-                  mask=mask)
+  return jax.random.normal(rbg_key(10), (B, h, w, c))
 
 
 # Registries.
@@ -154,23 +60,23 @@ def test_default_parameter_counts():
   # 3x3 convs 3->32, 32->64 without bias, BatchNorm scale and shift, Dense
   # of the flattened 8x8x64 map: 9*3*32 + 2*32 + 9*32*64 + 2*64
   # + (8*8*64 + 1)*128.
-  assert _param_count(ConvEncoder(), images) == 543_904
+  assert param_count(ConvEncoder(), images) == 543_904
   # Embedding 64x64; LSTM, 4 gates of input kernel 64x128 and hidden kernel
   # 128x128 with bias: 64*64 + 4*(64*128 + 128*128 + 128).
-  assert _param_count(LSTMEncoder(vocab_size=64), ids) == 102_912
+  assert param_count(LSTMEncoder(vocab_size=64), ids) == 102_912
   encs = {"image": Encoding(pooled=jnp.zeros((2, 128)),
                             tokens=jnp.zeros((2, 8, 8, 64))),
           "question": Encoding(pooled=jnp.zeros((2, 128)))}
-  assert _param_count(ConcatFusion(), encs) == 0
+  assert param_count(ConcatFusion(), encs) == 0
   # channels 64, 2 blocks, dim 128, 2 coordinate channels, conditioning 128:
   # stem (64+2+1)*64 + 2 blocks * [(64+2+1)*64 + 9*64*64 + (128+1)*2*64]
   # + paper classifier (64+2)*128 + 2*128 (1x1 conv, BatchNorm).
-  assert _param_count(FiLMFusion(), encs) == 128_320
+  assert param_count(FiLMFusion(), encs) == 128_320
   # The same but the flatten output: (64+2+1)*64 + (8*8*64 + 1)*128.
-  assert _param_count(FiLMFusion(classifier="flatten"), encs) == 648_320
+  assert param_count(FiLMFusion(classifier="flatten"), encs) == 648_320
   # (128+1)*256 + (256+1)*10.
-  assert _param_count(ClassifierHead(num_classes=10),
-                      jnp.zeros((2, 128))) == 35_594
+  assert param_count(ClassifierHead(num_classes=10),
+                     jnp.zeros((2, 128))) == 35_594
 
 
 # ConvEncoder.
@@ -179,7 +85,7 @@ def test_default_parameter_counts():
 def test_conv_encoder():
   enc = ConvEncoder(features=(8, 16), dim=32)
   x = _images()
-  variables = _init(enc, x)
+  variables = init_module(enc, x)
   out = enc.apply(variables, x, train=False)
   chex.assert_shape(out.pooled, (B, 32))
   chex.assert_shape(out.tokens, (B, 4, 4, 16))
@@ -191,9 +97,9 @@ def test_conv_encoder():
 def test_conv_encoder_shape_errors():
   enc = ConvEncoder(features=(8, 16))
   with pytest.raises(ValueError, match=r"ConvEncoder.*\(4, 16, 16\)"):
-    _init(enc, jnp.zeros((4, 16, 16)))
+    init_module(enc, jnp.zeros((4, 16, 16)))
   with pytest.raises(ValueError, match=r"at least 4.*\(4, 3, 16, 3\)"):
-    _init(enc, jnp.zeros((4, 3, 16, 3)))
+    init_module(enc, jnp.zeros((4, 3, 16, 3)))
 
 
 # LSTMEncoder.
@@ -201,8 +107,8 @@ def test_conv_encoder_shape_errors():
 
 def test_lstm_encoder():
   enc = LSTMEncoder(vocab_size=20, embed_dim=8, hidden=16)
-  ids, mask = _question()
-  variables = _init(enc, ids, mask)
+  ids, mask = padded_question()
+  variables = init_module(enc, ids, mask)
   out = enc.apply(variables, ids, mask, train=False)
   chex.assert_shape(out.pooled, (B, 16))
   chex.assert_shape(out.tokens, (B, T, 16))
@@ -213,10 +119,10 @@ def test_lstm_encoder():
 
 def test_lstm_ignores_padding():
   enc = LSTMEncoder(vocab_size=20, embed_dim=8, hidden=16)
-  ids, mask = _question()
+  ids, mask = padded_question()
   other_ids = jnp.where(mask, ids, (ids + 7) % 20)
   assert np.any(np.asarray(other_ids != ids))
-  variables = _init(enc, ids, mask)
+  variables = init_module(enc, ids, mask)
   out = enc.apply(variables, ids, mask, train=False)
   other = enc.apply(variables, other_ids, mask, train=False)
   chex.assert_trees_all_close(other, out, atol=1e-6, rtol=1e-6)
@@ -233,18 +139,18 @@ def test_lstm_ignores_padding():
 
 def test_lstm_empty_sequence_pools_to_zero():
   enc = LSTMEncoder(vocab_size=20, embed_dim=8, hidden=16)
-  ids, _ = _question()
+  ids, _ = padded_question()
   mask = jnp.zeros_like(ids, bool)
-  out = enc.apply(_init(enc, ids, mask), ids, mask, train=False)
+  out = enc.apply(init_module(enc, ids, mask), ids, mask, train=False)
   assert not np.any(np.asarray(out.pooled))
 
 
 def test_lstm_shape_errors():
   enc = LSTMEncoder(vocab_size=20)
   with pytest.raises(ValueError, match=r"LSTMEncoder.*\(4, 6, 1\)"):
-    _init(enc, jnp.zeros((4, 6, 1), jnp.int32))
+    init_module(enc, jnp.zeros((4, 6, 1), jnp.int32))
   with pytest.raises(ValueError, match=r"\(4, 5\).*\(4, 6\)"):
-    _init(enc, jnp.zeros((4, 6), jnp.int32), jnp.ones((4, 5), bool))
+    init_module(enc, jnp.zeros((4, 6), jnp.int32), jnp.ones((4, 5), bool))
 
 
 # ConcatFusion.
@@ -252,13 +158,13 @@ def test_lstm_shape_errors():
 
 @pytest.mark.parametrize("num_modalities", [1, 2, 3])
 def test_concat_fusion(num_modalities):
-  encs = {f"m{i}": _vec(i, 5 + i) for i in range(num_modalities)}
+  encs = {f"m{i}": pooled_encoding(i, 5 + i) for i in range(num_modalities)}
   total = sum(5 + i for i in range(num_modalities))
   no_mlp = ConcatFusion()
-  out = no_mlp.apply(_init(no_mlp, encs), encs, train=False)
+  out = no_mlp.apply(init_module(no_mlp, encs), encs, train=False)
   chex.assert_shape(out, (B, total))
   fusion = ConcatFusion(hidden=(16, 8))
-  variables = _init(fusion, encs)
+  variables = init_module(fusion, encs)
   chex.assert_shape(fusion.apply(variables, encs, train=False), (B, 8))
   assert_jit_agrees(fusion, variables, encs)
   assert_every_param_gets_grad(fusion, variables, encs)
@@ -266,23 +172,26 @@ def test_concat_fusion(num_modalities):
 
 def test_concat_shape_errors():
   fusion = ConcatFusion()
-  encs = {"image": _vec(0, 5), "question": Encoding(pooled=jnp.zeros((B, 3, 2)))}
+  encs = {"image": pooled_encoding(0, 5),
+          "question": Encoding(pooled=jnp.zeros((B, 3, 2)))}
   with pytest.raises(ValueError, match=r"'question'.*\(4, 3, 2\)"):
-    _init(fusion, encs)
-  encs = {"image": _vec(0, 5), "question": Encoding(pooled=jnp.zeros((2, 3)))}
+    init_module(fusion, encs)
+  encs = {"image": pooled_encoding(0, 5),
+          "question": Encoding(pooled=jnp.zeros((2, 3)))}
   with pytest.raises(ValueError, match=r"batch size.*'question': \(2, 3\)"):
-    _init(fusion, encs)
+    init_module(fusion, encs)
 
 
 # FiLMFusion.
 
 FILM_CASES = {
     "image+question": ("image", lambda: {
-        "image": _image_enc(), "question": _vec(0, 10)}),
+        "image": image_encoding(), "question": pooled_encoding(0, 10)}),
     "image+question+audio": ("image", lambda: {
-        "audio": _vec(1, 6), "image": _image_enc(), "question": _vec(0, 10)}),
+        "audio": pooled_encoding(1, 6), "image": image_encoding(),
+        "question": pooled_encoding(0, 10)}),
     "sequence_target": ("question", lambda: {
-        "image": _vec(2, 12), "question": _seq_enc()}),
+        "image": pooled_encoding(2, 12), "question": sequence_encoding()}),
 }
 
 
@@ -293,7 +202,7 @@ def test_film_fusion(case, classifier):
   encs = make_encs()
   fusion = FiLMFusion(target=target, num_blocks=2, channels=8, dim=16,
                       classifier=classifier)
-  variables = _init(fusion, encs)
+  variables = init_module(fusion, encs)
   chex.assert_shape(fusion.apply(variables, encs, train=False), (B, 16))
   assert ("batch_stats" in variables) == (target == "image")
   assert_jit_agrees(fusion, variables, encs)
@@ -302,14 +211,14 @@ def test_film_fusion(case, classifier):
 
 def test_unknown_film_classifier():
   with pytest.raises(ValueError, match="'mlp'.*Valid: paper, flatten"):
-    _init(FiLMFusion(classifier="mlp"), FILM_CASES["image+question"][1]())
+    init_module(FiLMFusion(classifier="mlp"), FILM_CASES["image+question"][1]())
 
 
 def test_film_coords_are_optional():
   encs = FILM_CASES["image+question"][1]()
   with_coords = FiLMFusion(channels=8, dim=16)
   without = FiLMFusion(channels=8, dim=16, use_coords=False)
-  kernel = lambda m: _init(m, encs)["params"]["stem"]["kernel"]
+  kernel = lambda m: init_module(m, encs)["params"]["stem"]["kernel"]
   chex.assert_shape(kernel(with_coords), (1, 1, 8 + 2, 8))
   chex.assert_shape(kernel(without), (1, 1, 8, 8))
 
@@ -323,38 +232,39 @@ def test_film_sequence_target_ignores_padding():
   for classifier in ("paper", "flatten"):
     fusion = FiLMFusion(target="question", channels=8, dim=16,
                         classifier=classifier)
-    variables = _init(fusion, encs)
+    variables = init_module(fusion, encs)
     out = fusion.apply(variables, encs, train=False)
     other = fusion.apply(variables, {**encs, "question": noisy}, train=False)
     chex.assert_trees_all_close(other, out, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("encs, message", [
-    ({"question": _vec(0, 10)},
+    ({"question": pooled_encoding(0, 10)},
      r"target modality 'image' is missing; present modalities: \['question'\]"),
-    ({"image": _image_enc()},
+    ({"image": image_encoding()},
      r"FiLM needs a conditioning modality.*'concat' for unimodal"),
     ({"image": Encoding(pooled=jnp.zeros((B, 10)), tokens=jnp.zeros((8, 10))),
-      "question": _vec(0, 10)},
+      "question": pooled_encoding(0, 10)},
      r"'image' needs tokens of shape \[batch, height, width, channels\]"
      r".*got \(8, 10\)"),
-    ({"image": _vec(1, 10), "question": _vec(0, 10)},
+    ({"image": pooled_encoding(1, 10), "question": pooled_encoding(0, 10)},
      r"'image' needs tokens.*gave none"),
-    ({"image": _image_enc(), "question": Encoding(pooled=jnp.zeros((B,)))},
+    ({"image": image_encoding(), "question": Encoding(pooled=jnp.zeros((B,)))},
      r"'question' needs pooled of shape \[batch, dim\]; got \(4,\)"),
-    ({"image": _image_enc(), "question": Encoding(pooled=jnp.zeros((2, 3)))},
+    ({"image": image_encoding(),
+      "question": Encoding(pooled=jnp.zeros((2, 3)))},
      r"'image' has tokens \(4, 4, 4, 8\).*batch size 2"),
 ])
 def test_film_shape_errors(encs, message):
   with pytest.raises(ValueError, match=message):
-    _init(FiLMFusion(), encs)
+    init_module(FiLMFusion(), encs)
 
 
 def test_film_sequence_mask_shape_error():
   encs = FILM_CASES["sequence_target"][1]()
   bad = encs["question"].replace(mask=jnp.ones((B, T + 1), bool))
   with pytest.raises(ValueError, match=r"'question'.*\(4, 6, 8\).*\(4, 7\)"):
-    _init(FiLMFusion(target="question"), {**encs, "question": bad})
+    init_module(FiLMFusion(target="question"), {**encs, "question": bad})
 
 
 # ClassifierHead.
@@ -362,10 +272,10 @@ def test_film_sequence_mask_shape_error():
 
 def test_classifier_head():
   head = ClassifierHead(num_classes=7, hidden=(16, 8), dropout=0.5)
-  x = jax.random.normal(_key(40), (B, 12))
-  variables = _init(head, x)
+  x = jax.random.normal(rbg_key(40), (B, 12))
+  variables = init_module(head, x)
   chex.assert_shape(head.apply(variables, x, train=False), (B, 7))
-  train_out, _ = _apply(head, variables, x, train=True)
+  train_out, _ = apply_module(head, variables, x, train=True)
   assert not np.allclose(train_out, head.apply(variables, x, train=False))
   assert_jit_agrees(head, variables, x)
   assert_every_param_gets_grad(head, variables, x)
@@ -373,4 +283,4 @@ def test_classifier_head():
 
 def test_classifier_head_shape_error():
   with pytest.raises(ValueError, match=r"ClassifierHead.*\(4, 3, 2\)"):
-    _init(ClassifierHead(num_classes=3), jnp.zeros((4, 3, 2)))
+    init_module(ClassifierHead(num_classes=3), jnp.zeros((4, 3, 2)))

@@ -7,9 +7,7 @@ import sys
 import pytest
 
 from mmjax import config_lib
-from e2e import load_experiment  # pylint: disable=unused-import (re-exported)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from e2e import ROOT, load_experiment
 
 
 @pytest.fixture

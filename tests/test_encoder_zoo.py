@@ -1,8 +1,8 @@
 """Tests for the encoder zoo: LeNet, ResNet, ViT, GRU, DAN, the text
 transformer, the 1-D conv encoder and the MLP.
 
-``PARALLEL_CASES`` feeds ``test_block_parallel.py``'s check that 4 devices
-agree with one.
+Their data-parallel cases (4 devices agree with one) are in
+``block_cases.py``.
 """
 
 from __future__ import annotations
@@ -25,25 +25,27 @@ from mmjax.encoders.text import (DANEncoder, GRUEncoder, LSTMEncoder,
                                  TextTransformerEncoder)
 from mmjax.encoders.vit import ViTEncoder
 from mmjax.registry import ENCODERS
-from test_blocks import (B, T, _apply, _init, _key, _param_count, _question,
-                         assert_every_param_gets_grad, assert_jit_agrees)
+
+from helpers import (B, T, apply_module, assert_every_param_gets_grad,
+                     assert_jit_agrees, init_module, padded_question,
+                     param_count, rbg_key)
 
 VOCAB = 20
 
 
 def _images(h=16, w=16, c=3):
-  return jax.random.normal(_key(50), (B, h, w, c))
+  return jax.random.normal(rbg_key(50), (B, h, w, c))
 
 
 def _encode(enc, variables, *inputs, train: bool):
   """The ``Encoding``, without the updated BatchNorm statistics."""
-  out = _apply(enc, variables, *inputs, train=train)
+  out = apply_module(enc, variables, *inputs, train=train)
   return out[0] if train else out
 
 
 def _shapes(enc, *inputs):
   """(variables, eval-mode ``Encoding``) as shapes, without computing them."""
-  variables = jax.eval_shape(functools.partial(_init, enc), *inputs)
+  variables = jax.eval_shape(functools.partial(init_module, enc), *inputs)
   out = jax.eval_shape(functools.partial(enc.apply, train=False), variables,
                        *inputs)
   return variables, out
@@ -51,7 +53,7 @@ def _shapes(enc, *inputs):
 
 def _waves(t=20, f=None):
   shape = (B, t) if f is None else (B, t, f)
-  x = jax.random.normal(_key(51), shape)
+  x = jax.random.normal(rbg_key(51), shape)
   mask = jnp.arange(t)[None] < jnp.array([t, 13, 1, 7])[:, None]
   return x, mask
 
@@ -65,17 +67,17 @@ CASES = {
     "vit": (ViTEncoder(patch_size=4, dim=8, num_layers=1, num_heads=2,
                        mlp_dim=16), lambda: (_images(),), (B, 8), (B, 16, 8)),
     "gru": (GRUEncoder(vocab_size=VOCAB, embed_dim=4, hidden=8),
-            _question, (B, 8), (B, T, 8)),
+            padded_question, (B, 8), (B, T, 8)),
     "dan": (DANEncoder(vocab_size=VOCAB, embed_dim=4, hidden=(8,), dim=8),
-            _question, (B, 8), (B, T, 4)),
+            padded_question, (B, 8), (B, T, 4)),
     "text_transformer": (
         TextTransformerEncoder(vocab_size=VOCAB, dim=8, num_layers=1,
                                num_heads=2, mlp_dim=16, max_len=8),
-        _question, (B, 8), (B, T, 8)),
+        padded_question, (B, 8), (B, T, 8)),
     "conv1d": (Conv1DEncoder(features=(4, 8), kernel_size=3, dim=8),
                _waves, (B, 8), (B, 5, 8)),
     "mlp": (MLPEncoder(hidden=(8,), dim=8),
-            lambda: (jax.random.normal(_key(52), (B, 3, 4)),), (B, 8), None),
+            lambda: (jax.random.normal(rbg_key(52), (B, 3, 4)),), (B, 8), None),
 }
 TEXT = ("gru", "dan", "text_transformer")
 
@@ -96,7 +98,7 @@ def test_encoder(name):
   """Shapes, finiteness, jit agreement and a gradient for every parameter."""
   enc, make_inputs, pooled_shape, tokens_shape = CASES[name]
   inputs = make_inputs()
-  variables = _init(enc, *inputs)
+  variables = init_module(enc, *inputs)
   for train in (False, True):
     out = _encode(enc, variables, *inputs, train=train)
     chex.assert_shape(out.pooled, pooled_shape)
@@ -125,7 +127,7 @@ def test_ignores_padding(name):
   else:
     other_x = jnp.where(mask, x, (x + 7) % VOCAB)
   assert np.any(np.asarray(other_x != x))
-  variables = _init(enc, x, mask)
+  variables = init_module(enc, x, mask)
   for train in (False, True):
     encode = jax.jit(functools.partial(_encode, enc, train=train))
     out = encode(variables, x, mask)
@@ -145,8 +147,8 @@ def test_conv1d_ignores_how_much_padding_follows():
   statistics in training do count padded steps, as documented)."""
   enc = Conv1DEncoder(features=(4, 8), kernel_size=5, stride=2, dim=6)
   signal = np.random.default_rng(0).normal(size=(2, 7, 3)).astype(np.float32)
-  variables = _init(enc, np.zeros((2, 16, 3), np.float32),
-                    np.ones((2, 16), bool))
+  variables = init_module(enc, np.zeros((2, 16, 3), np.float32),
+                          np.ones((2, 16), bool))
   # Running statistics that are not the identity, so BatchNorm matters.
   variables = jax.tree.map(lambda x: x + 0.3, variables)
   outputs = []
@@ -186,12 +188,12 @@ def test_lenet_multibench_sizes():
 def test_lenet_param_count(in_channels, channels, num_blocks, side):
   enc = LeNetEncoder(channels=channels, num_blocks=num_blocks)
   x = jnp.zeros((1, side, side, in_channels))
-  assert _param_count(enc, x) == _lenet_params(in_channels, channels,
-                                               num_blocks)
+  assert param_count(enc, x) == _lenet_params(in_channels, channels,
+                                              num_blocks)
   if (in_channels, channels, num_blocks) == (1, 6, 3):
     # MultiBench's image LeNet, by hand: 5*5*1*6 + 2*6 for the first layer,
     # then 3*3*6*12 + 2*12, 3*3*12*24 + 2*24 and 3*3*24*48 + 2*48.
-    assert _param_count(enc, x) == 13_938
+    assert param_count(enc, x) == 13_938
 
 
 def test_lenet_pools_like_torch():
@@ -213,9 +215,9 @@ def test_lenet_shape_errors():
   enc = LeNetEncoder(channels=2, num_blocks=3)
   with pytest.raises(ValueError, match=r"LeNetEncoder.*num_blocks=3.*at least "
                      r"16.*\(2, 15, 28, 1\)"):
-    _init(enc, jnp.zeros((2, 15, 28, 1)))
+    init_module(enc, jnp.zeros((2, 15, 28, 1)))
   with pytest.raises(ValueError, match=r"LeNetEncoder.*\(2, 28\)"):
-    _init(enc, jnp.zeros((2, 28)))
+    init_module(enc, jnp.zeros((2, 28)))
 
 
 # ResNet.
@@ -237,7 +239,7 @@ def test_resnet_projection_only_where_shape_changes():
 def test_resnet20_param_count():
   """He et al.'s CIFAR ResNet-20 (stage_sizes (3, 3, 3), width 16)."""
   enc = ResNetEncoder(stage_sizes=(3, 3, 3), width=16, dim=0)
-  count = _param_count(enc, jnp.zeros((1, 32, 32, 3)))
+  count = param_count(enc, jnp.zeros((1, 32, 32, 3)))
   # Each 3x3 conv c_in -> c_out has 9 c_in c_out weights, each BatchNorm 2 c.
   stem = 9 * 3 * 16 + 2 * 16
   block = lambda c_in, c: 9 * c_in * c + 9 * c * c + 4 * c
@@ -253,7 +255,7 @@ def test_resnet20_param_count():
 
 def test_resnet_shape_error():
   with pytest.raises(ValueError, match=r"ResNetEncoder.*\(4, 16, 16\)"):
-    _init(ResNetEncoder(), jnp.zeros((4, 16, 16)))
+    init_module(ResNetEncoder(), jnp.zeros((4, 16, 16)))
 
 
 # ViT.
@@ -275,9 +277,9 @@ def test_vit_pools():
 
 def test_vit_errors():
   with pytest.raises(ValueError, match=r"patch_size=5.*\(4, 16, 16, 3\)"):
-    _init(ViTEncoder(patch_size=5), jnp.zeros((4, 16, 16, 3)))
+    init_module(ViTEncoder(patch_size=5), jnp.zeros((4, 16, 16, 3)))
   with pytest.raises(ValueError, match=r"pool='max'; valid: cls, mean"):
-    _init(ViTEncoder(pool="max"), jnp.zeros((4, 16, 16, 3)))
+    init_module(ViTEncoder(pool="max"), jnp.zeros((4, 16, 16, 3)))
 
 
 # Text encoders.
@@ -285,8 +287,8 @@ def test_vit_errors():
 
 def test_gru_pools_last_real_token_and_zero_when_empty():
   enc, _, _, _ = CASES["gru"]
-  ids, mask = _question()
-  variables = _init(enc, ids, mask)
+  ids, mask = padded_question()
+  variables = init_module(enc, ids, mask)
   assert "GRUCell_0" in variables["params"]
   encode = jax.jit(functools.partial(enc.apply, train=False))
   out = encode(variables, ids, mask)
@@ -300,8 +302,8 @@ def test_gru_pools_last_real_token_and_zero_when_empty():
 
 def test_dan_pooled_ignores_order():
   enc, _, _, _ = CASES["dan"]
-  ids, _ = _question()
-  variables = _init(enc, ids)
+  ids, _ = padded_question()
+  variables = init_module(enc, ids)
   out = enc.apply(variables, ids, train=False)
   flipped = enc.apply(variables, ids[:, ::-1], train=False)
   chex.assert_trees_all_close(flipped.pooled, out.pooled, atol=1e-6)
@@ -311,11 +313,11 @@ def test_dan_pooled_ignores_order():
 def test_text_errors():
   ids = jnp.zeros((4, 6), jnp.int32)
   with pytest.raises(ValueError, match=r"GRUEncoder.*\(4, 6, 1\)"):
-    _init(GRUEncoder(vocab_size=VOCAB), ids[..., None])
+    init_module(GRUEncoder(vocab_size=VOCAB), ids[..., None])
   with pytest.raises(ValueError, match=r"DANEncoder mask.*\(4, 5\).*\(4, 6\)"):
-    _init(DANEncoder(vocab_size=VOCAB), ids, jnp.ones((4, 5), bool))
+    init_module(DANEncoder(vocab_size=VOCAB), ids, jnp.ones((4, 5), bool))
   with pytest.raises(ValueError, match=r"6 tokens; max_len is 4"):
-    _init(TextTransformerEncoder(vocab_size=VOCAB, max_len=4), ids)
+    init_module(TextTransformerEncoder(vocab_size=VOCAB, max_len=4), ids)
 
 
 # Sequences and vectors.
@@ -333,70 +335,17 @@ def test_conv1d_frames_and_no_mask():
 def test_conv1d_errors():
   enc = Conv1DEncoder()
   with pytest.raises(ValueError, match=r"Conv1DEncoder.*\(4, 2, 3, 1\)"):
-    _init(enc, jnp.zeros((4, 2, 3, 1)))
+    init_module(enc, jnp.zeros((4, 2, 3, 1)))
   with pytest.raises(ValueError, match=r"mask shape \(4, 9\).*\(4, 8\)"):
-    _init(enc, jnp.zeros((4, 8)), jnp.ones((4, 9), bool))
+    init_module(enc, jnp.zeros((4, 8)), jnp.ones((4, 9), bool))
 
 
 def test_mlp_dropout_only_in_training():
   enc = MLPEncoder(hidden=(16,), dim=8, dropout=0.5)
-  x = jax.random.normal(_key(53), (B, 6))
-  variables = _init(enc, x)
+  x = jax.random.normal(rbg_key(53), (B, 6))
+  variables = init_module(enc, x)
   train_out = _encode(enc, variables, x, train=True)
   eval_out = enc.apply(variables, x, train=False)
   assert not np.allclose(train_out.pooled, eval_out.pooled)
   with pytest.raises(ValueError, match=r"MLPEncoder.*\(4,\)"):
-    _init(enc, jnp.zeros((4,)))
-
-
-# Data-parallel cases for test_block_parallel.py: global batch 8, numpy inputs.
-# The BatchNorm conv stacks get small images: their first-layer gradients sum
-# over every pixel and reach ~50, so float32 round-off in a near-cancelling
-# entry can exceed that test's absolute tolerance (LeNet at 28x28 did: 3.4e-5
-# on an entry of 0.019 among entries of ~25). These sizes keep the worst
-# element under ~0.3 of the tolerance.
-
-PB = 8
-
-
-def _np_images(h=16, w=16, c=3):
-  return (np.random.default_rng(60).normal(size=(PB, h, w, c))
-          .astype(np.float32), None)
-
-
-def _np_tokens():
-  rng = np.random.default_rng(61)
-  mask = np.arange(6)[None] < rng.integers(1, 7, PB)[:, None]
-  return (rng.integers(1, VOCAB, (PB, 6)) * mask).astype(np.int32), mask
-
-
-def _np_waves():
-  rng = np.random.default_rng(62)
-  mask = np.arange(16)[None] < rng.integers(1, 17, PB)[:, None]
-  return rng.normal(size=(PB, 16)).astype(np.float32), mask
-
-
-PARALLEL_CASES = {
-    "lenet": (lambda axis: LeNetEncoder(channels=2, num_blocks=2,
-                                        axis_name=axis),
-              lambda: _np_images(16, 16, 1)),
-    "resnet": (lambda axis: ResNetEncoder(stage_sizes=(1, 1), width=4, dim=8,
-                                          axis_name=axis),
-               lambda: _np_images(8, 8)),
-    "vit": (lambda axis: ViTEncoder(patch_size=8, dim=8, num_layers=1,
-                                    num_heads=2, mlp_dim=16), _np_images),
-    "gru": (lambda axis: GRUEncoder(vocab_size=VOCAB, embed_dim=4, hidden=8),
-            _np_tokens),
-    "dan": (lambda axis: DANEncoder(vocab_size=VOCAB, embed_dim=4, hidden=(8,),
-                                    dim=8), _np_tokens),
-    "text_transformer": (
-        lambda axis: TextTransformerEncoder(vocab_size=VOCAB, dim=8,
-                                            num_layers=1, num_heads=2,
-                                            mlp_dim=16, max_len=8),
-        _np_tokens),
-    "conv1d": (lambda axis: Conv1DEncoder(features=(4, 8), kernel_size=3,
-                                          dim=8, axis_name=axis), _np_waves),
-    "mlp": (lambda axis: MLPEncoder(hidden=(8,), dim=8),
-            lambda: (np.random.default_rng(63).normal(size=(PB, 6))
-                     .astype(np.float32), None)),
-}
+    init_module(enc, jnp.zeros((4,)))

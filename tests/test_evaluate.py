@@ -20,6 +20,7 @@ from mmjax import train
 from mmjax.data import pipeline
 
 import e2e
+from helpers import keep_best_config
 
 
 def _best(tmp_path, mode="max", metric="validation/accuracy"):
@@ -81,15 +82,8 @@ def test_metric_names_are_what_evaluation_returns():
     assert sorted(losses.metric_names(targets)) == sorted(terms)
 
 
-def _config(data_dir, **overrides):
-  """The small runlocal mm_shapes model, validating every 2 steps."""
-  return e2e.small_config(data_dir, **{
-      "train.steps": 8, "train.eval_every_steps": 2,
-      "checkpoint.keep_best": "validation/accuracy", **overrides})
-
-
 def test_keep_best_names_a_metric_the_run_evaluates(data_dir):
-  config = _config(data_dir)
+  config = keep_best_config(data_dir)
   config.checkpoint.keep_best = "test/accuracy"
   with pytest.raises(ValueError, match="Valid: validation/accuracy, "
                      "validation/loss"):
@@ -124,12 +118,13 @@ def resumed_run(tmp_path_factory, data_dir):
   before = jax.config.jax_default_prng_impl
   overrides = {"checkpoint.keep_best": "validation/loss"}
   root = tmp_path_factory.mktemp("evaluate")
-  uninterrupted = train.train_and_evaluate(_config(data_dir, **overrides),
-                                           str(root / "uninterrupted"))
+  uninterrupted = train.train_and_evaluate(
+      keep_best_config(data_dir, **overrides), str(root / "uninterrupted"))
   workdir = str(root / "run")
   train.train_and_evaluate(
-      _config(data_dir, **overrides, **{"train.steps": 4}), workdir)
-  results = train.train_and_evaluate(_config(data_dir, **overrides), workdir)
+      keep_best_config(data_dir, **overrides, **{"train.steps": 4}), workdir)
+  results = train.train_and_evaluate(keep_best_config(data_dir, **overrides),
+                                     workdir)
   jax.config.update("jax_default_prng_impl", before)
   return workdir, results, uninterrupted
 

@@ -19,6 +19,8 @@ from jax import lax
 
 from mmjax.encoders import fused_conv, image
 
+from helpers import FUSED_CONV_CASES, fused_conv_inputs, fused_conv_loss
+
 ATOL = 2e-5
 
 
@@ -41,24 +43,6 @@ def _reference_block(x, kernel, scale, bias, axis_name=None):
   return image.max_pool_2x2(nn.relu(normed)), stats["mean"], stats["var"]
 
 
-def _inputs(shape, in_channels, out_channels, size, seed=0):
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=shape + (in_channels,)).astype(np.float32)
-  kernel = rng.normal(size=(size, size, in_channels, out_channels)) * 0.3
-  # Negative scales pool the window's minimum.
-  scale = rng.normal(size=out_channels)
-  scale[0] = -abs(scale[0])
-  bias = rng.normal(size=out_channels) * 0.5
-  return tuple(jnp.asarray(a, jnp.float32) for a in (x, kernel, scale, bias))
-
-
-def _loss(block, x, kernel, scale, bias, axis_name=None):
-  """A loss that weighs each output, mean and variance differently."""
-  out, mean, var = block(x, kernel, scale, bias, axis_name)
-  weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
-  return jnp.sum(out * weights) + jnp.sum(mean * 0.3) - jnp.sum(var * 0.2)
-
-
 def _assert_trees_close(actual, expected, atol=ATOL, rtol=1e-4):
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=atol,
                                  rtol=rtol), actual, expected)
@@ -66,24 +50,19 @@ def _assert_trees_close(actual, expected, atol=ATOL, rtol=1e-4):
 
 @pytest.mark.parametrize("in_channels,size", [(1, 5), (1, 3), (3, 3)])
 def test_conv_same_matches_lax(in_channels, size):
-  x, kernel, _, _ = _inputs((2, 9, 10), in_channels, 4, size)
+  x, kernel, _, _ = fused_conv_inputs((2, 9, 10), in_channels, 4, size)
   np.testing.assert_allclose(fused_conv.conv_same(x, kernel),
                              _lax_conv(x, kernel), atol=1e-5, rtol=1e-5)
 
 
-# (spatial shape, in channels, out channels, kernel size): LeNet's first
-# layer on one channel, a wider layer, and odd sides whose last row and
-# column the pool drops.
-CASES = [((11, 12), 1, 6, 5), ((8, 8), 4, 6, 3), ((7, 9), 2, 3, 3)]
-
-
-@pytest.mark.parametrize("shape,in_channels,out_channels,size", CASES)
+@pytest.mark.parametrize("shape,in_channels,out_channels,size",
+                         FUSED_CONV_CASES)
 def test_block_matches_unfused_layers(shape, in_channels, out_channels, size):
-  args = _inputs((4,) + shape, in_channels, out_channels, size)
+  args = fused_conv_inputs((4,) + shape, in_channels, out_channels, size)
   _assert_trees_close(jax.jit(fused_conv.conv_bn_relu_pool)(*args),
                       jax.jit(_reference_block)(*args))
-  grad = lambda block: jax.jit(jax.grad(functools.partial(_loss, block),
-                                        argnums=(0, 1, 2, 3)))(*args)
+  grad = lambda block: jax.jit(jax.grad(
+      functools.partial(fused_conv_loss, block), argnums=(0, 1, 2, 3)))(*args)
   _assert_trees_close(grad(fused_conv.conv_bn_relu_pool),
                       grad(_reference_block))
 
@@ -91,10 +70,10 @@ def test_block_matches_unfused_layers(shape, in_channels, out_channels, size):
 def test_tied_maxima_share_the_gradient():
   """Windows with several maxima (a constant input region) split the
   gradient between them, as ``jnp.max``'s gradient does."""
-  x, kernel, scale, bias = _inputs((4, 8, 8), 1, 3, 3)
+  x, kernel, scale, bias = fused_conv_inputs((4, 8, 8), 1, 3, 3)
   x = x.at[:, :4, :4].set(0.0)  # Equal convolution outputs inside.
   scale = jnp.abs(scale) + 0.1
-  grad = lambda block: jax.grad(functools.partial(_loss, block),
+  grad = lambda block: jax.grad(functools.partial(fused_conv_loss, block),
                                 argnums=(0, 1, 2, 3))(x, kernel, scale, bias)
   _assert_trees_close(grad(fused_conv.conv_bn_relu_pool),
                       grad(_reference_block))
@@ -104,12 +83,12 @@ def test_block_with_statistics_over_devices():
   """Under ``pmap``, statistics and their gradients cover all devices."""
   devices = jax.local_devices()[:4]
   assert len(devices) == 4, "conftest.py simulates 4 CPU devices"
-  x, kernel, scale, bias = _inputs((8, 10, 10), 1, 4, 5)
+  x, kernel, scale, bias = fused_conv_inputs((8, 10, 10), 1, 4, 5)
   x = x.reshape(4, 2, 10, 10, 1) * jnp.arange(1, 5).reshape(4, 1, 1, 1, 1)
 
   def per_device(block):
     def fn(x, kernel, scale, bias):
-      loss = functools.partial(_loss, block, axis_name="batch")
+      loss = functools.partial(fused_conv_loss, block, axis_name="batch")
       return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(
           x, kernel, scale, bias)
     return jax.pmap(fn, axis_name="batch", in_axes=(0, None, None, None),

@@ -1,7 +1,7 @@
 """Attention fusion blocks: MulT, the multimodal transformer and MBT.
 
-``PARALLEL_CASES`` feeds ``test_block_parallel.py``'s check that 4 devices
-agree with one.
+Their data-parallel cases (4 devices agree with one) are in
+``block_cases.py``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from mmjax.fusion.attention import BottleneckFusion
 from mmjax.fusion.attention import MultimodalTransformerFusion
 from mmjax.fusion.mult import MulTFusion
 from mmjax.registry import FUSIONS
-from test_blocks import _init, _param_count
-from test_blocks import assert_every_param_gets_grad
+
+from helpers import (TEXT_LENGTHS, assert_every_param_gets_grad,
+                     attention_encodings, init_module, param_count)
 
 B = 4
 D = 8  # dim of every tiny block.
@@ -42,38 +43,11 @@ BLOCKS = {
     "mbt_towers": BottleneckFusion(num_layers=3, fusion_layer=1,
                                    n_bottlenecks=2, **TINY),
 }
-# Text lengths include 0: an example with no real text token.
-TEXT_LENGTHS, AUDIO_LENGTHS = (5, 2, 1, 0), (3, 1, 2, 3)
-
-
-def _mask(lengths, t):
-  return np.arange(t)[None] < np.asarray(lengths)[:, None]
-
-
-def _encodings(num=2, batch=B, seed=0, text_lengths=TEXT_LENGTHS,
-               audio_lengths=AUDIO_LENGTHS):
-  """An image-like feature map [b, 2, 3, 6] (no mask), a padded text sequence
-  [b, 5, 7] and (num=3) a padded audio sequence [b, 3, 5]; padding is zero."""
-  rng = np.random.default_rng(seed)
-  text_mask, audio_mask = _mask(text_lengths, 5), _mask(audio_lengths, 3)
-
-  def f32(*shape):
-    return rng.normal(size=shape).astype(np.float32)
-
-  encs = {"image": Encoding(pooled=f32(batch, 4), tokens=f32(batch, 2, 3, 6)),
-          "text": Encoding(pooled=f32(batch, 3),
-                           tokens=f32(batch, 5, 7) * text_mask[..., None],
-                           mask=text_mask)}
-  if num == 3:
-    encs["audio"] = Encoding(pooled=f32(batch, 2),
-                             tokens=f32(batch, 3, 5) * audio_mask[..., None],
-                             mask=audio_mask)
-  return encs
 
 
 def _variables(module, encs, seed=0):
   """Random variables of the module's shapes, from tracing its init only."""
-  shapes = jax.eval_shape(functools.partial(_init, module), encs)
+  shapes = jax.eval_shape(functools.partial(init_module, module), encs)
   rng = np.random.default_rng(seed)
   return jax.tree.map(
       lambda x: jnp.asarray(rng.normal(scale=0.5, size=x.shape), x.dtype),
@@ -99,7 +73,7 @@ def _change_text(encs):
 @pytest.mark.parametrize("block", sorted(BLOCKS))
 def test_shapes(block, num):
   """Traced only; the tests below compute values."""
-  encs = _encodings(num)
+  encs = attention_encodings(num)
   module = BLOCKS[block]
   out = jax.eval_shape(functools.partial(module.apply, train=False),
                        _variables(module, encs), encs)
@@ -114,11 +88,11 @@ def test_registry():
 
 @pytest.mark.parametrize("block", ["mult", "mm_mid", "mbt"])
 def test_jit_agrees_with_eager(block):
-  """In eval mode only (test_blocks.assert_jit_agrees also compiles training
+  """In eval mode only (helpers.assert_jit_agrees also compiles training
   mode, the same graph at dropout 0). The encodings come in reverse order:
   jit sorts a dict's keys, so this also catches a block whose result depends
   on the order of the dict."""
-  encs = _encodings()
+  encs = attention_encodings()
   variables = _variables(BLOCKS[block], encs)
   eager = BLOCKS[block].apply(variables, dict(reversed(encs.items())),
                               train=False)
@@ -129,7 +103,7 @@ def test_jit_agrees_with_eager(block):
 # mm_transformer builds its layers as mbt does (TokenFusion.layer).
 @pytest.mark.parametrize("block", ["mult", "mbt"])
 def test_dropout_only_in_training(block):
-  encs = _encodings()
+  encs = attention_encodings()
   variables = _variables(BLOCKS[block], encs)
   dropped = BLOCKS[block].clone(dropout=0.5)
   rngs = {"dropout": jax.random.key(0, impl="rbg")}
@@ -146,7 +120,7 @@ def test_dropout_only_in_training(block):
 @pytest.mark.parametrize("block,num", [("mult", 2), ("mm_early", 3),
                                        ("mm_mid", 3), ("mbt", 3)])
 def test_every_parameter_gets_a_gradient(block, num):
-  encs = _encodings(num)
+  encs = attention_encodings(num)
   assert_every_param_gets_grad(BLOCKS[block], _variables(BLOCKS[block], encs),
                                encs)
 
@@ -155,7 +129,7 @@ def test_every_parameter_gets_a_gradient(block, num):
 def test_padding_is_ignored(block):
   """Values at padded positions do not matter, and a padded example gives
   what its unpadded sequence gives alone (this one catches missing masks)."""
-  encs = _encodings()
+  encs = attention_encodings()
   variables = _variables(BLOCKS[block], encs)
   apply = _jit_apply(block)
   out = apply(variables, encs)
@@ -178,7 +152,7 @@ def test_padding_is_ignored(block):
 def test_mm_transformer_early_and_late_fusion_have_their_own_layers():
   """The parameter layout of each; that early fusion mixes the modalities
   and late fusion does not is tested on outputs in test_models.py."""
-  encs = _encodings()
+  encs = attention_encodings()
   early = MultimodalTransformerFusion(num_layers=2, fusion_layer=0, **TINY)
   late = early.clone(fusion_layer=2)
   p_early = _variables(early, encs)["params"]
@@ -191,7 +165,7 @@ def test_mm_transformer_early_and_late_fusion_have_their_own_layers():
 
 
 def test_mbt_without_fusion_layers_is_late_mm_transformer():
-  encs = _encodings()
+  encs = attention_encodings()
   mbt = BottleneckFusion(num_layers=1, fusion_layer=1, n_bottlenecks=2, **TINY)
   variables = _variables(BLOCKS["mm_late"], encs)
   chex.assert_trees_all_equal_structs(variables, _variables(mbt, encs))
@@ -216,7 +190,7 @@ def test_mbt_fuses_only_through_the_bottleneck(num_layers, fusion_layer,
   do not attend to text tokens."""
   module = BottleneckFusion(num_layers=num_layers, fusion_layer=fusion_layer,
                             n_bottlenecks=2, **TINY)
-  encs = _encodings()
+  encs = attention_encodings()
   variables = _variables(module, encs)
   before = _intermediates(module, variables, encs)
   after = _intermediates(module, variables, _change_text(encs))
@@ -235,13 +209,13 @@ def test_mbt_fuses_only_through_the_bottleneck(num_layers, fusion_layer,
 def test_mbt_refuses_a_single_fusion_layer():
   module = BLOCKS["mbt"].clone(num_layers=2, fusion_layer=1)
   with pytest.raises(ValueError, match="single bottleneck layer.*<= 0"):
-    _variables(module, _encodings())
+    _variables(module, attention_encodings())
 
 
 def test_mm_transformer_tokens_meet_in_the_first_shared_layer():
   """Contrast with MBT: the shared layers mix modalities directly."""
   module = BLOCKS["mm_mid"]
-  encs = _encodings()
+  encs = attention_encodings()
   variables = _variables(module, encs)
   before = _intermediates(module, variables, encs)
   after = _intermediates(module, variables, _change_text(encs))
@@ -255,7 +229,7 @@ def test_mm_transformer_tokens_meet_in_the_first_shared_layer():
 
 @pytest.mark.parametrize("block", ["mult", "mm_early", "mbt"])
 def test_missing_tokens_name_the_modality(block):
-  encs = _encodings()
+  encs = attention_encodings()
   encs["text"] = Encoding(pooled=encs["text"].pooled)
   with pytest.raises(ValueError, match=r"modality 'text' gave none.*tokens"):
     _variables(BLOCKS[block], encs)
@@ -263,7 +237,7 @@ def test_missing_tokens_name_the_modality(block):
 
 @pytest.mark.parametrize("block", ["mult", "mm_early", "mbt"])
 def test_config_errors(block):
-  encs = _encodings()
+  encs = attention_encodings()
   module = BLOCKS[block]
   with pytest.raises(ValueError, match="num_heads=3 does not divide dim=8"):
     _variables(module.clone(num_heads=3), encs)
@@ -312,20 +286,6 @@ def test_parameter_counts_at_mm_shapes_sizes():
       "mbt": BottleneckFusion(dim=64, num_layers=2, fusion_layer=0,
                               n_bottlenecks=4, num_heads=4, mlp_dim=128),
   }
-  assert {k: _param_count(m, encs) for k, m in modules.items()} == counts
+  assert {k: param_count(m, encs) for k, m in modules.items()} == counts
   assert counts == {"mult": 255_168, "mm_transformer": 112_320,
                     "mm_transformer_late": 187_712, "mbt": 187_968}
-
-
-PB = 8  # Batch of the parallel cases.
-
-
-def _parallel_inputs():
-  return (_encodings(batch=PB, seed=3, text_lengths=(5, 2, 1, 0, 3, 4, 5, 1)),)
-
-
-PARALLEL_CASES = {
-    "mult": (lambda axis: BLOCKS["mult_no_self"], _parallel_inputs),
-    "mm_transformer": (lambda axis: BLOCKS["mm_early"], _parallel_inputs),
-    "mbt": (lambda axis: BLOCKS["mbt"], _parallel_inputs),
-}

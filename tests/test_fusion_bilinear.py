@@ -1,7 +1,7 @@
 """Tests for the MFB, MUTAN, non-local gated and decision-level fusions.
 
-``PARALLEL_CASES`` feeds ``test_block_parallel.py``'s check that 4 devices
-agree with one.
+Their data-parallel cases (4 devices agree with one) are in
+``block_cases.py``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from mmjax.fusion.gated import NonLocalGatedFusion
 from mmjax.heads import ClassifierHead
 from mmjax.models import MultimodalModel
 from mmjax.registry import FUSIONS
-from test_blocks import (B, _image_enc, _init, _param_count, _seq_enc, _vec,
-                         check_registered_fusion)
+
+from helpers import (B, check_registered_fusion, image_encoding, init_module,
+                     param_count, pooled_encoding, sequence_encoding)
 
 DIM = 6
 
@@ -41,8 +42,8 @@ POOLED = (12, 10, 6)
 def _encs(num: int) -> dict[str, Encoding]:
   """A feature map (``[B, 2, 2, 3]`` tokens), a padded sequence (``[B, 6, 5]``
   tokens and mask) and a pooled-only modality, the first ``num`` of them."""
-  encs = {"image": _image_enc(h=2, c=3), "question": _seq_enc(d=5),
-          "audio": _vec(2, 6)}
+  encs = {"image": image_encoding(h=2, c=3), "question": sequence_encoding(d=5),
+          "audio": pooled_encoding(2, 6)}
   return dict(list(encs.items())[:num])
 
 
@@ -64,20 +65,20 @@ def test_param_counts(num_modalities):
   encs = _encs(num_modalities)
   widths = POOLED[:num_modalities]
   k, h, r = 3, 5, 4
-  assert _param_count(MFBFusion(dim=DIM, factor=k), encs) == (
+  assert param_count(MFBFusion(dim=DIM, factor=k), encs) == (
       sum((d + 1) * DIM * k for d in widths))
-  assert _param_count(MutanFusion(dim=DIM, hidden=h, rank=r), encs) == (
+  assert param_count(MutanFusion(dim=DIM, hidden=h, rank=r), encs) == (
       sum((d + 1) * h + (h + 1) * r * h for d in widths) + (h + 1) * DIM)
   m = 7  # A core output width of its own (the paper: hidden 310, mm_dim 510).
-  assert _param_count(MutanFusion(dim=DIM, hidden=h, mm_dim=m, rank=r),
-                      encs) == (
+  assert param_count(MutanFusion(dim=DIM, hidden=h, mm_dim=m, rank=r),
+                     encs) == (
       sum((d + 1) * h + (h + 1) * r * m for d in widths) + (m + 1) * DIM)
   token_widths = (3, 5, 6)[:num_modalities]  # audio: its pooled, one token.
-  assert _param_count(NonLocalGatedFusion(dim=DIM), encs) == (
+  assert param_count(NonLocalGatedFusion(dim=DIM), encs) == (
       sum((c + 1) * DIM + (d + 1) * DIM + (DIM + 1) * DIM + DIM * DIM
           for c, d in zip(token_widths, widths))
       + (num_modalities * DIM + 1) * DIM)
-  assert _param_count(DecisionFusion(dim=DIM), encs) == (
+  assert param_count(DecisionFusion(dim=DIM), encs) == (
       sum((d + 1) * DIM for d in widths))
 
 
@@ -85,7 +86,7 @@ def test_mfb_is_sum_pooled_product_and_unit_norm():
   encs = _encs(3)
   k = 3
   raw = MFBFusion(dim=DIM, factor=k, normalize=False)
-  params = _init(raw, encs)["params"]
+  params = init_module(raw, encs)["params"]
   projs = [e.pooled @ params[f"proj_{n}"]["kernel"] + params[f"proj_{n}"]["bias"]
            for n, e in encs.items()]
   expected = (projs[0] * projs[1] * projs[2]).reshape(B, DIM, k).sum(-1)
@@ -107,7 +108,7 @@ def test_mfb_is_sum_pooled_product_and_unit_norm():
 def test_mfb_gradients_are_finite_at_zero():
   encs = {n: Encoding(pooled=jnp.zeros((B, 4))) for n in ("a", "b")}
   fusion = MFBFusion(dim=DIM, factor=3)
-  params = _init(fusion, encs)["params"]
+  params = init_module(fusion, encs)["params"]
 
   def loss(p, e):
     return fusion.apply({"params": p}, e, train=True,
@@ -130,7 +131,7 @@ def test_mutan_is_a_rank_r_sum_of_products(mm_dim):
   h, r = 5, 3
   m = mm_dim or h  # 0 ties the core's output width to hidden.
   fusion = MutanFusion(dim=DIM, hidden=h, mm_dim=mm_dim, rank=r)
-  params = _init(fusion, encs)["params"]
+  params = init_module(fusion, encs)["params"]
   assert params["rank_image"]["kernel"].shape == (h, r * m)
   dense = lambda x, p: x @ p["kernel"] + p["bias"]
   z = 0.
@@ -148,7 +149,7 @@ def test_mutan_is_a_rank_r_sum_of_products(mm_dim):
 def test_nonlocal_gated_ignores_padding_and_reads_the_other_context():
   encs = _encs(2)
   fusion = NonLocalGatedFusion(dim=DIM)
-  variables = _init(fusion, encs)
+  variables = init_module(fusion, encs)
   out = fusion.apply(variables, encs, train=False)
   q = encs["question"]
   assert not np.all(np.asarray(q.mask))
@@ -169,16 +170,17 @@ def test_needs_two_modalities(block):
   with pytest.raises(ValueError,
                      match=rf"{label[block]} fusion needs at least two.*"
                      r"\['image'\].*'concat'"):
-    _init(FUSIONS.get(block)(dim=DIM), {"image": _vec(0, 4)})
+    init_module(FUSIONS.get(block)(dim=DIM), {"image": pooled_encoding(0, 4)})
 
 
 def test_shape_errors_name_modality():
-  encs = {"image": _vec(0, 4), "question": Encoding(pooled=jnp.zeros((B, 3, 2)))}
+  encs = {"image": pooled_encoding(0, 4),
+          "question": Encoding(pooled=jnp.zeros((B, 3, 2)))}
   for block in ("mfb", "mutan", "decision"):
     with pytest.raises(ValueError, match=r"'question'.*\(4, 3, 2\)"):
-      _init(FUSIONS.get(block)(dim=DIM), encs)
+      init_module(FUSIONS.get(block)(dim=DIM), encs)
   with pytest.raises(ValueError, match="Decision fusion needs at least one"):
-    _init(DecisionFusion(dim=DIM), {})
+    init_module(DecisionFusion(dim=DIM), {})
 
 
 # Decision-level fusion in the model.
@@ -211,7 +213,7 @@ def _model_batch():
 def test_decision_logits_are_the_mean_of_per_modality_heads(modalities):
   model = _model(modalities, DecisionFusion(dim=DIM))
   batch = _model_batch()
-  params = _init(model, batch)["params"]
+  params = init_module(model, batch)["params"]
   assert set(params) == ({f"encoders_{m}" for m in modalities} | {"fusion"}
                          | {f"heads_answer_{m}" for m in modalities})
   logits = model.apply({"params": params}, batch, train=False)["answer"]
@@ -234,30 +236,6 @@ def test_decision_logits_are_the_mean_of_per_modality_heads(modalities):
 def test_other_fusions_keep_the_parameter_tree():
   model = _model(("image", "question"), mmjax.fusion.concat.ConcatFusion(
       hidden=(DIM,)))
-  params = _init(model, _model_batch())["params"]
+  params = init_module(model, _model_batch())["params"]
   assert set(params) == {"encoders_image", "encoders_question", "fusion",
                          "heads_answer"}
-
-
-# For test_block_parallel.py: batch 8, numpy inputs.
-
-
-def _parallel_inputs():
-  rng = np.random.default_rng(7)
-  normal = lambda *s: rng.normal(size=(8, *s)).astype(np.float32)
-  mask = np.arange(5)[None] < np.array([5, 2, 1, 0, 3, 4, 5, 1])[:, None]
-  return ({"image": Encoding(pooled=normal(6), tokens=normal(2, 2, 3)),
-           "question": Encoding(pooled=normal(5),
-                                tokens=normal(5, 4) * mask[..., None],
-                                mask=mask),
-           "audio": Encoding(pooled=normal(3))},)
-
-
-PARALLEL_CASES = {
-    "mfb": (lambda axis: MFBFusion(dim=4, factor=2), _parallel_inputs),
-    "mutan": (lambda axis: MutanFusion(dim=4, hidden=3, rank=2),
-              _parallel_inputs),
-    "nonlocal_gated": (lambda axis: NonLocalGatedFusion(dim=4),
-                       _parallel_inputs),
-    "decision": (lambda axis: DecisionFusion(dim=4), _parallel_inputs),
-}

@@ -25,7 +25,8 @@ from mmjax.fusion.film import FiLMFusion, film
 from mmjax.fusion.gated import GatedFusion
 from mmjax.fusion.multiplicative import MultiplicativeFusion
 from mmjax.fusion.tensor import LowRankFusion, TensorFusion
-from test_blocks import _init, _param_count
+
+from helpers import init_module, param_count
 
 B = 3
 DIM = 5
@@ -58,7 +59,7 @@ def _randomised(params, seed: int, names=("bias", "b")):
 
 def _setup(block, encs, seed=1):
   """``(variables with random biases, float64 params, block output)``."""
-  variables = _init(block, encs)
+  variables = init_module(block, encs)
   variables = {**variables, "params": _randomised(variables["params"], seed)}
   out = block.apply(variables, encs, train=False)
   return variables, _f64(variables["params"]), np.asarray(out)
@@ -255,7 +256,7 @@ def test_gmu_each_gate_reads_every_modality():
   names = ("a", "b", "c")
   encs = _pooled({n: 3 for n in names})
   block = GatedFusion(dim=DIM)
-  variables = _init(block, encs)
+  variables = init_module(block, encs)
   _, before = _gmu_run(block, encs, variables)
   changed = {**encs, "c": Encoding(pooled=encs["c"].pooled + 1.)}
   _, after = _gmu_run(block, changed, variables)
@@ -368,7 +369,7 @@ def test_film_fusion_is_the_papers_network(classifier):
           "audio": Encoding(pooled=rng.normal(size=(B, 2)).astype(
               np.float32))}
   block = FiLMFusion(num_blocks=2, channels=4, dim=DIM, classifier=classifier)
-  variables = _init(block, encs)
+  variables = init_module(block, encs)
   variables = {"params": _randomised(variables["params"], 4),
                "batch_stats": _random_stats(variables["batch_stats"], 5)}
   out = np.asarray(block.apply(variables, encs, train=False))
@@ -391,7 +392,7 @@ def test_film_zero_generator_leaves_features_unmodulated():
               np.float32))}
   other = {**encs, "question": Encoding(pooled=encs["question"].pooled + 1.)}
   block = FiLMFusion(num_blocks=2, channels=4, dim=DIM)
-  variables = _init(block, encs)
+  variables = init_module(block, encs)
   apply = lambda v, e: np.asarray(block.apply(v, e, train=False))
   assert not np.allclose(apply(variables, encs), apply(variables, other))
   params = dict(variables["params"])
@@ -415,7 +416,7 @@ def test_film_sequence_paper_classifier_is_a_max_over_real_tokens():
           "image": Encoding(pooled=rng.normal(size=(B, 3)).astype(
               np.float32))}
   block = FiLMFusion(target="text", num_blocks=1, channels=4, dim=DIM)
-  variables = _init(block, encs)
+  variables = init_module(block, encs)
   _, state = block.apply(variables, encs, train=False,
                          capture_intermediates=True,
                          mutable=["intermediates"])
@@ -437,7 +438,7 @@ def test_film_param_counts():
   encs = {"image": Encoding(pooled=np.zeros((2, 1), np.float32),
                             tokens=np.zeros((2, 8, 8, 64), np.float32)),
           "question": Encoding(pooled=np.zeros((2, 128), np.float32))}
-  count = lambda block: _param_count(block, encs)
+  count = lambda block: param_count(block, encs)
   film_config = dict(num_blocks=2, channels=32, dim=128)
   # stem (64+2+1)*32 + 2 * [(32+2+1)*32 + 9*32*32 + (128+1)*2*32]
   # + (32+2)*128 (1x1 conv, no bias) + 2*128 (BatchNorm scale and shift).
@@ -451,10 +452,10 @@ def test_film_param_counts():
   block = FiLMFusion(target="text", num_blocks=1, channels=4, dim=DIM)
   # No coordinates on sequences: stem (10+1)*4 + [(4+1)*4 + 4*4 + (3+1)*2*4]
   # + 4*DIM (Dense, no bias) + 2*DIM (LayerNorm scale and shift).
-  assert _param_count(block, seq) == 44 + 68 + 6 * DIM
+  assert param_count(block, seq) == 44 + 68 + 6 * DIM
   flat = block.clone(classifier="flatten")
   # ... + (4+1)*4 + (4+1)*DIM in place of the paper's output stage.
-  assert _param_count(flat, seq) == 44 + 68 + 20 + 5 * DIM
+  assert param_count(flat, seq) == 44 + 68 + 20 + 5 * DIM
 
 
 # MFB (Yu et al. 2017, arXiv:1708.01471) and MUTAN (Ben-younes et al. 2017,

@@ -16,7 +16,9 @@ from mmjax.fusion.gated import GatedFusion
 from mmjax.fusion.multiplicative import MultiplicativeFusion
 from mmjax.fusion.tensor import LowRankFusion, TensorFusion, outer_product
 from mmjax.registry import FUSIONS
-from test_blocks import B, _init, _param_count, _vec, check_registered_fusion
+
+from helpers import (B, check_registered_fusion, init_module, param_count,
+                     pooled_encoding)
 
 DIM = 6
 
@@ -37,7 +39,7 @@ BLOCKS = {
 
 def _encs(num: int) -> dict[str, Encoding]:
   """``num`` modalities with distinct widths 4, 5, 6, ..."""
-  return {f"m{i}": _vec(i, 4 + i) for i in range(num)}
+  return {f"m{i}": pooled_encoding(i, 4 + i) for i in range(num)}
 
 
 @pytest.mark.parametrize("num_modalities", [2, 3])
@@ -52,10 +54,10 @@ def test_fusion_block(block, num_modalities):
 def test_tensor_param_count(num_modalities):
   encs = _encs(num_modalities)
   widths = [4 + i for i in range(num_modalities)]
-  assert _param_count(TensorFusion(dim=DIM), encs) == (
+  assert param_count(TensorFusion(dim=DIM), encs) == (
       math.prod(d + 1 for d in widths) * DIM + DIM)
   p = 3
-  assert _param_count(TensorFusion(dim=DIM, project=p), encs) == (
+  assert param_count(TensorFusion(dim=DIM, project=p), encs) == (
       sum((d + 1) * p for d in widths) + (p + 1)**num_modalities * DIM + DIM)
 
 
@@ -65,11 +67,11 @@ def test_low_rank_param_count_and_names(num_modalities):
   widths = [4 + i for i in range(num_modalities)]
   rank = 3
   fusion = LowRankFusion(rank=rank, dim=DIM)
-  assert _param_count(fusion, encs) == (
+  assert param_count(fusion, encs) == (
       rank * sum(d + 1 for d in widths) * DIM + DIM)
   # One trainable factor per modality, registered as a parameter (MultiBench's
   # LMF builds its factors outside the parameter list, so they never train).
-  params = _init(fusion, encs)["params"]
+  params = init_module(fusion, encs)["params"]
   assert set(params) == {f"factor_m{i}" for i in range(num_modalities)} | {
       "bias"}
 
@@ -81,17 +83,17 @@ def test_gated_and_multiplicative_param_counts():
   # One tanh projection per modality, (d_i + 1) * DIM; the gates read all
   # 4 + 5 + 6 inputs: 3 sigmoid gates (or one softmax Dense of 3 * DIM).
   for gate in ("sigmoid", "softmax"):
-    assert _param_count(GatedFusion(dim=DIM, gate=gate), encs) == (
+    assert param_count(GatedFusion(dim=DIM, gate=gate), encs) == (
         sum((d + 1) * DIM for d in widths) + (sum(widths) + 1) * 3 * DIM)
   # Two modalities: one gate z over both inputs, whatever ``gate``.
   for gate in ("sigmoid", "softmax"):
-    assert _param_count(GatedFusion(dim=DIM, gate=gate), _encs(2)) == (
+    assert param_count(GatedFusion(dim=DIM, gate=gate), _encs(2)) == (
         (4 + 1) * DIM + (5 + 1) * DIM + (4 + 5 + 1) * DIM)
   common = dx * DIM + dz * DIM + DIM
   counts = {"matrix": dz * dx * DIM, "vector": (dz + 1) * DIM,
             "scalar": dz + 1}
   for form, extra in counts.items():
-    assert _param_count(
+    assert param_count(
         MultiplicativeFusion(form=form, dim=DIM), encs) == extra + common
 
 
@@ -111,7 +113,7 @@ def test_low_rank_equals_tensor_fusion_with_its_full_weight():
   """LMF is TFN before its ReLU, with weight ``sum_r (x)_m W_m^r``."""
   encs = _encs(3)
   fusion = LowRankFusion(rank=3, dim=DIM)
-  params = _init(fusion, encs)["params"]
+  params = init_module(fusion, encs)["params"]
   params = {**params, "bias": jax.random.normal(jax.random.key(5), (DIM,))}
   out = fusion.apply({"params": params}, encs, train=False)
   w0, w1, w2 = (params[f"factor_m{i}"] for i in range(3))
@@ -125,7 +127,7 @@ def test_low_rank_equals_tensor_fusion_with_its_full_weight():
 def test_gated_two_modalities_is_a_convex_mix():
   encs = _encs(2)
   fusion = GatedFusion(dim=DIM)
-  variables = _init(fusion, encs)
+  variables = init_module(fusion, encs)
   out = fusion.apply(variables, encs, train=False)
   p = variables["params"]
   h = [jnp.tanh(e.pooled @ p[f"proj_{n}"]["kernel"] + p[f"proj_{n}"]["bias"])
@@ -139,36 +141,37 @@ def test_multiplicative_forms_differ_and_take_x_by_name():
   outs = {}
   for form in ("matrix", "vector", "scalar"):
     fusion = MultiplicativeFusion(form=form, dim=DIM)
-    outs[form] = fusion.apply(_init(fusion, encs), encs, train=False)
+    outs[form] = fusion.apply(init_module(fusion, encs), encs, train=False)
   assert not np.allclose(outs["matrix"], outs["vector"])
   assert not np.allclose(outs["vector"], outs["scalar"])
   # x is the first modality by name, whatever the dict's order.
   fusion = MultiplicativeFusion(dim=DIM)
   reordered = {"m1": encs["m1"], "m0": encs["m0"], "m2": encs["m2"]}
-  assert _init(fusion, encs)["params"]["W"].shape == (11, 4, DIM)
-  assert _init(fusion, reordered)["params"]["W"].shape == (11, 4, DIM)
+  assert init_module(fusion, encs)["params"]["W"].shape == (11, 4, DIM)
+  assert init_module(fusion, reordered)["params"]["W"].shape == (11, 4, DIM)
 
 
 @pytest.mark.parametrize("block", ["tensor", "low_rank", "gated",
                                    "multiplicative"])
 def test_shape_errors(block):
   fusion = FUSIONS.get(block)(dim=DIM)
-  encs = {"image": _vec(0, 4),
+  encs = {"image": pooled_encoding(0, 4),
           "question": Encoding(pooled=jnp.zeros((B, 3, 2)))}
   with pytest.raises(ValueError, match=r"'question'.*\(4, 3, 2\)"):
-    _init(fusion, encs)
-  encs = {"image": _vec(0, 4), "question": Encoding(pooled=jnp.zeros((2, 3)))}
+    init_module(fusion, encs)
+  encs = {"image": pooled_encoding(0, 4),
+          "question": Encoding(pooled=jnp.zeros((2, 3)))}
   with pytest.raises(ValueError, match=r"batch size.*'question': \(2, 3\)"):
-    _init(fusion, encs)
+    init_module(fusion, encs)
   with pytest.raises(ValueError, match=r"at least two.*\['image'\].*'concat'"):
-    _init(fusion, {"image": _vec(0, 4)})
+    init_module(fusion, {"image": pooled_encoding(0, 4)})
 
 
 def test_unknown_gated_gate():
   with pytest.raises(ValueError, match="'tanh'.*Valid: sigmoid, softmax"):
-    _init(GatedFusion(dim=DIM, gate="tanh"), _encs(3))
+    init_module(GatedFusion(dim=DIM, gate="tanh"), _encs(3))
 
 
 def test_unknown_multiplicative_form():
   with pytest.raises(ValueError, match="'outer'.*matrix, vector, scalar"):
-    _init(MultiplicativeFusion(form="outer"), _encs(2))
+    init_module(MultiplicativeFusion(form="outer"), _encs(2))

@@ -5,8 +5,9 @@ in bfloat16. (That ``mm_shapes`` trains to float32's accuracy in bfloat16 is
 ``test_mixed_precision_accuracy.py``, a file of its own so that the test
 runner can run it next to these.)
 
-The parts are ``test_block_parallel.CASES`` (every registered encoder and
-fusion block, as their own test files build them) and a classifier head.
+The parts are ``block_cases.CASES`` (every registered encoder and fusion
+block, small versions of those their own test files build) and a classifier
+head.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ from mmjax import config_lib, losses, models, optim, steps
 from mmjax.encoders import fused_conv, image
 from mmjax.heads import ClassifierHead
 from mmjax.registry import ENCODERS, FUSIONS, HEADS
-import test_block_parallel
-import test_fused_conv
-from test_blocks import _apply, _init, _key
-from test_config import load_experiment
-from test_models import CLASSES, VOCAB, _batch, _small
+
+import block_cases
+from e2e import load_experiment
+from helpers import (CLASSES, FUSED_CONV_CASES, VOCAB, apply_module,
+                     fused_conv_inputs, fused_conv_loss, init_module,
+                     model_batch, rbg_key, small_model)
 
 BF16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
 MATMULS = ("dot_general", "conv_general_dilated")
 
 PARTS = {
-    **test_block_parallel.CASES,
+    **block_cases.CASES,
     "classifier": (lambda axis: ClassifierHead(num_classes=5, hidden=(8,)),
                    lambda: (np.random.default_rng(0).normal(size=(8, 6))
                             .astype(np.float32),)),
@@ -79,16 +81,17 @@ def test_part_computes_in_bfloat16_with_float32_parameters(name):
   matmul and convolution of the training pass, forward and backward, on
   bfloat16 operands."""
   module, inputs = _part(name, BF16)
-  variables = jax.eval_shape(functools.partial(_init, module), *inputs)
+  variables = jax.eval_shape(functools.partial(init_module, module), *inputs)
   assert {x.dtype for x in jax.tree.leaves(variables)} == {F32}
   for train in (False, True):
-    out = jax.eval_shape(functools.partial(_apply, module, train=train),
+    out = jax.eval_shape(functools.partial(apply_module, module, train=train),
                          variables, *inputs)
     outputs = _float_leaves(out[0] if train else out)
     assert outputs and all(x.dtype == BF16 for x in outputs), outputs
 
   def loss(params, rest):
-    out, _ = _apply(module, {"params": params, **rest}, *inputs, train=True)
+    out, _ = apply_module(module, {"params": params, **rest}, *inputs,
+                          train=True)
     return _projection_loss(out)
 
   rest = {k: v for k, v in variables.items() if k != "params"}
@@ -105,12 +108,13 @@ def test_part_in_bfloat16_is_close_to_float32(name):
   outputs within bfloat16 rounding, accumulated over a few layers, of the
   float32 ones."""
   module, inputs = _part(name, F32)
-  variables = jax.jit(functools.partial(_init, module))(*inputs)
+  variables = jax.jit(functools.partial(init_module, module))(*inputs)
 
   @jax.jit
   def both(variables, inputs):
-    return tuple(_float_leaves(_apply(module.clone(dtype=dtype), variables,
-                                      *inputs, train=True)[0])
+    return tuple(_float_leaves(apply_module(module.clone(dtype=dtype),
+                                            variables, *inputs,
+                                            train=True)[0])
                  for dtype in (F32, BF16))
 
   expected, got = both(variables, inputs)
@@ -127,7 +131,7 @@ MODEL_VARIANTS = ("fusion=film", "fusion=concat", "fusion=decision",
 
 
 def _model(arg: str, dtype: str) -> tuple[models.MultimodalModel, ...]:
-  config = _small(load_experiment().get_config(arg))
+  config = small_model(load_experiment().get_config(arg))
   config.model.dtype = dtype
   config_lib.validate_config(config)
   return models.build_model(config.model, vocab_sizes={"question": VOCAB},
@@ -140,8 +144,8 @@ def test_model_in_bfloat16_returns_float32_logits(arg):
   """``config.model.dtype`` reaches every part: the model's matmuls run in
   bfloat16 and its logits are float32."""
   model, _ = _model(arg, "bfloat16")
-  batch = _batch()
-  variables = jax.eval_shape(functools.partial(model.init, _key(0),
+  batch = model_batch()
+  variables = jax.eval_shape(functools.partial(model.init, rbg_key(0),
                                                train=False), batch)
   apply = functools.partial(model.apply, train=False)
   logits = jax.eval_shape(apply, variables, batch)
@@ -153,7 +157,7 @@ def test_model_in_bfloat16_returns_float32_logits(arg):
 def test_configs_without_dtype_build_float32_models():
   """Configs saved before ``model.dtype`` existed still validate and build
   float32 models."""
-  config = _small(load_experiment().get_config("fusion=film"))
+  config = small_model(load_experiment().get_config("fusion=film"))
   del config.model["dtype"]
   config_lib.validate_config(config)
   model = models.build_model(config.model, vocab_sizes={"question": VOCAB},
@@ -163,7 +167,7 @@ def test_configs_without_dtype_build_float32_models():
 
 
 def test_unknown_dtype_lists_the_valid_ones():
-  config = _small(load_experiment().get_config(""))
+  config = small_model(load_experiment().get_config(""))
   config.model.dtype = "float16"
   with pytest.raises(ValueError, match=r"model\.dtype 'float16'.*Valid: "
                      r"float32, bfloat16.*loss scaling"):
@@ -175,10 +179,10 @@ def test_train_step_in_bfloat16_keeps_float32_state_and_loss():
   and the loss are float32; the step does update the parameters."""
   model, config = _model("fusion=film", "bfloat16")
   config.optim.warmup_steps = 0  # A learning rate above 0 at step 0.
-  batch = _batch()
+  batch = model_batch()
   schedule = optim.make_schedule(config.optim, config.train.steps)
   tx = optim.make_optimizer(config.optim, schedule)
-  state = steps.create_train_state(model, tx, batch, _key(0))
+  state = steps.create_train_state(model, tx, batch, rbg_key(0))
   targets = losses.head_targets(config.model.heads)
 
   def loss(params):
@@ -207,18 +211,18 @@ def test_train_step_in_bfloat16_keeps_float32_state_and_loss():
 
 
 @pytest.mark.parametrize("shape,in_channels,out_channels,size",
-                         test_fused_conv.CASES)
+                         FUSED_CONV_CASES)
 def test_fused_block_gradients_have_the_primal_dtypes(shape, in_channels,
                                                       out_channels, size):
   """bfloat16 input, float32 kernel, scale and bias: the output is bfloat16,
   the statistics float32, and each gradient has its argument's dtype."""
-  x, kernel, scale, bias = test_fused_conv._inputs((4,) + shape, in_channels,
-                                                   out_channels, size)
+  x, kernel, scale, bias = fused_conv_inputs((4,) + shape, in_channels,
+                                             out_channels, size)
   args = (x.astype(BF16), kernel, scale, bias)
   out, mean, var = jax.eval_shape(fused_conv.conv_bn_relu_pool, *args)
   assert (out.dtype, mean.dtype, var.dtype) == (BF16, F32, F32)
   grads = jax.eval_shape(jax.grad(functools.partial(
-      test_fused_conv._loss, fused_conv.conv_bn_relu_pool),
+      fused_conv_loss, fused_conv.conv_bn_relu_pool),
                                   argnums=(0, 1, 2, 3)), *args)
   assert [g.dtype for g in grads] == [BF16, F32, F32, F32]
 

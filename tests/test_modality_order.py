@@ -10,16 +10,17 @@ import pytest
 
 from mmjax.encoders import Encoding
 from mmjax.registry import FUSIONS
-import test_block_parallel
+
+import block_cases
 
 
 def _encodings(name: str) -> dict[str, Encoding]:
   """The block's test encodings, with a third, pooled-only modality for
   FiLM so that the order of its conditioning modalities matters."""
-  _, make_inputs = test_block_parallel.CASES[name]
+  _, make_inputs = block_cases.CASES[name]
   (encodings,) = make_inputs()
   if name == "film":
-    extra = np.random.default_rng(9).normal(size=(test_block_parallel.B, 3))
+    extra = np.random.default_rng(9).normal(size=(block_cases.B, 3))
     encodings = {**encodings, "audio": Encoding(pooled=extra.astype(np.float32))}
   return encodings
 
@@ -33,7 +34,7 @@ def _outputs(out) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("name", sorted(FUSIONS.names()))
 def test_fusion_ignores_the_order_of_the_encodings_dict(name):
-  make_module, _ = test_block_parallel.CASES[name]
+  make_module, _ = block_cases.CASES[name]
   module = make_module(None)
   encodings = _encodings(name)
   assert len(encodings) >= 2, name

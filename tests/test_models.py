@@ -9,31 +9,9 @@ import pytest
 
 from mmjax import losses, models
 from mmjax.encoders import Encoding
-from test_config import load_experiment
 
-B, T, VOCAB, CLASSES = 8, 6, 12, 5
-
-
-def _batch():
-  rng = np.random.default_rng(0)
-  mask = np.arange(T)[None] < rng.integers(1, T + 1, B)[:, None]
-  return {"image": rng.normal(size=(B, 32, 32, 3)).astype(np.float32),
-          "question": (rng.integers(2, VOCAB, (B, T)) * mask).astype(np.int32),
-          "question_mask": mask,
-          "answer": rng.integers(0, CLASSES, B).astype(np.int32)}
-
-
-def _small(config):
-  """The experiment's model at a size that compiles quickly."""
-  config.model.encoders.image.features = (8, 16)
-  if config.model.encoders.image.dim:
-    config.model.encoders.image.dim = 16
-  config.model.encoders.question.update(embed_dim=8, hidden=16)
-  if config.model.fusion.name == "film":
-    config.model.fusion.update(channels=8, dim=16)
-  if config.model.fusion.name in ("mult", "mm_transformer", "mbt"):
-    config.model.fusion.update(dim=8, num_heads=2, mlp_dim=16)
-  return config
+from e2e import load_experiment
+from helpers import CLASSES, T, VOCAB, model_batch, small_model
 
 
 # One variant per way the model wires its parts: feature-map tokens (film),
@@ -44,10 +22,10 @@ def _small(config):
                                  "fusion=decision", "fusion=mm_transformer",
                                  "modalities=image"])
 def test_every_parameter_gets_a_gradient_from_the_training_loss(arg):
-  config = _small(load_experiment().get_config(arg))
+  config = small_model(load_experiment().get_config(arg))
   model = models.build_model(config.model, vocab_sizes={"question": VOCAB},
                              num_classes={"answer": CLASSES}, axis_name=None)
-  batch = _batch()
+  batch = model_batch()
   variables = jax.jit(lambda b: model.init(jax.random.PRNGKey(0), b,
                                            train=False))(batch)
   targets = losses.head_targets(config.model.heads)
@@ -68,10 +46,10 @@ def test_every_parameter_gets_a_gradient_from_the_training_loss(arg):
 
 
 def test_missing_modality_in_batch_is_named():
-  config = _small(load_experiment().get_config(""))
+  config = small_model(load_experiment().get_config(""))
   model = models.build_model(config.model, vocab_sizes={"question": VOCAB},
                              num_classes={"answer": CLASSES}, axis_name=None)
-  batch = _batch()
+  batch = model_batch()
   del batch["question"]
   with pytest.raises(ValueError, match="fuses modality 'question'.*image"):
     jax.eval_shape(functools.partial(model.init, train=False),
@@ -81,7 +59,7 @@ def test_missing_modality_in_batch_is_named():
 def _fused(arg, encodings):
   """The output ``[batch, dim]`` of the experiment's fusion block, with random
   weights (from tracing its init only: compiling it takes seconds)."""
-  config = _small(load_experiment().get_config(arg))
+  config = small_model(load_experiment().get_config(arg))
   fusion = models.build_model(
       config.model, vocab_sizes={"question": VOCAB},
       num_classes={"answer": CLASSES}, axis_name=None).fusion

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmjax import optim
-from test_config import load_experiment
+from e2e import load_experiment
 
 
 def _avmnist_optim(**changes):

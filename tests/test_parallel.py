@@ -4,51 +4,24 @@ import functools
 
 import chex
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from mmjax import losses, models, optim, parallel, steps
 
-GLOBAL_BATCH = 8
+from helpers import small_film_batches, small_film_config
+
 NUM_STEPS = 20
 
 
-def _config():
-  return ml_collections.ConfigDict(dict(
-      model=dict(
-          modalities=("image", "question"),
-          encoders=dict(image=dict(name="cnn", features=(8, 16), dim=16),
-                        question=dict(name="lstm", embed_dim=8, hidden=16)),
-          fusion=dict(name="film", target="image", num_blocks=1, channels=8,
-                      dim=16),
-          heads=dict(answer=dict(name="classifier", target="answer",
-                                 hidden=(16,)))),
-      optim=dict(name="adamw", learning_rate=3e-3, schedule="warmup_cosine",
-                 warmup_steps=2, weight_decay=1e-4, b1=0.9, b2=0.999,
-                 grad_clip_norm=1.0)))
-
-
-def _batches():
-  """Two fixed random batches, alternated, so that the loss can fall."""
-  rng = np.random.default_rng(0)
-  for _ in range(2):
-    lengths = rng.integers(2, 7, GLOBAL_BATCH)
-    mask = np.arange(7)[None] < lengths[:, None]
-    yield {"image": rng.normal(size=(GLOBAL_BATCH, 16, 16, 3)).astype(np.float32),
-           "question": (rng.integers(2, 20, (GLOBAL_BATCH, 7)) * mask).astype(np.int32),
-           "question_mask": mask,
-           "answer": rng.integers(0, 5, GLOBAL_BATCH).astype(np.int32)}
-
-
 def _train_losses(backend, devices):
-  config = _config()
+  config = small_film_config()
   dp = parallel.DataParallel(backend, devices=devices)
   model = models.build_model(config.model, vocab_sizes={"question": 20},
                              num_classes={"answer": 5}, axis_name=parallel.AXIS)
   schedule = optim.make_schedule(config.optim, NUM_STEPS)
   tx = optim.make_optimizer(config.optim, schedule)
-  batches = list(_batches()) * (NUM_STEPS // 2)
+  batches = list(small_film_batches()) * (NUM_STEPS // 2)
   state = steps.create_train_state(model, tx, batches[0], jax.random.PRNGKey(0))
   state = dp.replicate(state)
   train_step = functools.partial(

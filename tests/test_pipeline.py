@@ -10,7 +10,7 @@ import pytest
 from mmjax.data import pipeline
 from mmjax.data import preprocess
 
-from test_config import load_experiment
+from e2e import load_experiment
 
 NUM_PROCESSES = 2
 

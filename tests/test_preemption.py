@@ -17,7 +17,7 @@ from mmjax import train
 from mmjax.data import pipeline
 
 import e2e
-from test_config import load_experiment
+from e2e import load_experiment
 
 # Checkpoints every 5 steps, validation every 4, logs every 2: a signal at a
 # step that is none of these must still leave that step on disk.

@@ -17,7 +17,7 @@ from mmjax import checkpoint as checkpoint_lib
 from mmjax import config_lib
 from mmjax import train
 from mmjax.data import pipeline
-from test_config import load_experiment
+from e2e import load_experiment
 
 
 def test_resuming_with_a_different_model_is_refused(tmp_path):

@@ -18,7 +18,8 @@ from mmjax import losses
 from mmjax import models
 from mmjax import robustness
 from mmjax import train
-from test_evaluate import _config
+
+from helpers import keep_best_config
 
 LEVELS = list(robustness.LEVELS)
 
@@ -177,7 +178,7 @@ TINY_MODEL = {"model.fusion": dict(name="concat", hidden=(16,)),
 
 
 def _small_model(p):
-  config = _config("", **TINY_MODEL)
+  config = keep_best_config("", **TINY_MODEL)
   if p is None:
     del config.model["modality_dropout"]  # As configs saved before it.
   else:
@@ -236,7 +237,7 @@ def evaluated(tmp_path_factory, data_dir):
   before = jax.config.jax_default_prng_impl
   root = tmp_path_factory.mktemp("robustness")
   workdir = str(root / "run")
-  train.train_and_evaluate(_config(data_dir, **TINY_MODEL, **{
+  train.train_and_evaluate(keep_best_config(data_dir, **TINY_MODEL, **{
       "train.steps": 2, "train.eval_every_steps": 2, "eval.batch_size": 32,
       "model.modality_dropout": 0.3}), workdir)
   reference = root / "reference"

@@ -23,7 +23,7 @@ from mmjax import train
 from mmjax.data import pipeline
 
 import e2e
-import test_parallel
+from helpers import small_film_batches, small_film_config
 
 SEEDS = 2
 
@@ -158,14 +158,14 @@ def test_seed_steps_equal_separate_steps():
   """Two steps of ``over_seeds``, unrolled with a batch per seed and vmapped
   with one shared batch, against each seed's own ``train_step`` (a small
   image model without dropout, so any PRNG implementation draws alike)."""
-  config = test_parallel._config()
+  config = small_film_config()
   config.model.modalities = ("image",)
   config.model.fusion = {"name": "concat"}
   model = models.build_model(config.model, vocab_sizes={},
                              num_classes={"answer": 5}, axis_name=None)
   schedule = optim.make_schedule(config.optim, 10)
   tx = optim.make_optimizer(config.optim, schedule)
-  batches = list(test_parallel._batches())
+  batches = list(small_film_batches())
   one_step = functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,
       objective=losses.Supervised(losses.head_targets(config.model.heads)))

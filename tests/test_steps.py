@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from mmjax import losses, models, optim, steps, train
-import test_parallel
-from test_parallel import _batches
+
+from helpers import small_film_batches, small_film_config
 
 
 def _config():
-  """``test_parallel``'s model without its question: what is tested here does
-  not depend on the model, and the LSTM and FiLM took half the compile time."""
-  config = test_parallel._config()
+  """``helpers.small_film_config`` (``test_parallel``'s model) without its
+  question: what is tested here does not depend on the model, and the LSTM
+  and FiLM took half the compile time."""
+  config = small_film_config()
   config.model.modalities = ("image",)
   del config.model.encoders["question"]
   config.model.fusion = dict(name="concat", hidden=(16,))
@@ -27,7 +28,7 @@ def _setup(skip):
                              num_classes={"answer": 5}, axis_name=None)
   schedule = optim.make_schedule(config.optim, 10)
   tx = optim.make_optimizer(config.optim, schedule)
-  batch = next(_batches())
+  batch = next(small_film_batches())
   state = steps.create_train_state(model, tx, batch, jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(
       steps.train_step, model=model, tx=tx, learning_rate_fn=schedule,

@@ -24,7 +24,7 @@ from mmjax import config_lib, losses, models, sweep, train
 from mmjax.data import avmnist
 from mmjax.data import mm_shapes as ms
 from mmjax.data import preprocess
-from test_config import ROOT, load_experiment
+from e2e import ROOT, load_experiment
 
 ABLATIONS = sorted(glob.glob(os.path.join(ROOT, "experiments", "ablations",
                                           "*.py")))
