@@ -15,6 +15,12 @@ SVM on the standardised pixels and spectrograms, fit on 10,000 train
 examples drawn with each seed (workdirs ``svm_seed<k>``), 2.5 minutes a
 run.
 
+The four ``*_moddrop`` variants (late fusion, a product fusion, the gate and
+an attention fusion) train with modality dropout (``MODALITY_DROPOUT``,
+``mmjax/models.py``), for the robustness table: ``--robustness
+--robustness_reference=late_fusion`` evaluates every finished run with one
+modality missing or noised (``mmjax/robustness.py``) and tabulates it.
+
 ``EPOCHS`` is the budget: MultiBench trains 30 epochs. On the 2-core CPU
 machine a step of the audio LeNet runs at ~110 examples/s per core, so one
 epoch takes ~8.5 minutes a run and the 27 runs take ~4 core-hours at 1 epoch
@@ -35,6 +41,11 @@ EXPERIMENTS = {
     "gated": "fusion=gated",
     "mult": "fusion=mult",
 }
+# Robustness: these fusions also train with modality dropout.
+MODDROP = ("late_fusion", "tensor", "gated", "mult")
+# Each modality of each training example is dropped with this probability
+# (never both): mmjax's choice, untuned.
+MODALITY_DROPOUT = 0.25
 SEEDS = (0, 1, 2)
 EPOCHS = 1
 OVERRIDES = {"dataset.manual_dir": "../shared/data/avmnist_raw"}
@@ -44,6 +55,11 @@ def get_sweep() -> list[dict]:
   networks = [dict(name=name, arg=f"{arg},seed={SEEDS[0]},epochs={EPOCHS}",
                    overrides={**OVERRIDES, "train.num_seeds": len(SEEDS)})
               for name, arg in EXPERIMENTS.items()]
+  networks += [dict(name=f"{name}_moddrop",
+                    arg=f"{EXPERIMENTS[name]},seed={SEEDS[0]},epochs={EPOCHS}",
+                    overrides={**OVERRIDES, "train.num_seeds": len(SEEDS),
+                               "model.modality_dropout": MODALITY_DROPOUT})
+               for name in MODDROP]
   # The classical baseline (mmjax/svm.py): one run per seed, which draws its
   # 10,000 train examples; the group reports them together.
   svms = [dict(name=f"svm_seed{seed}", group="svm", arg=f"svm,seed={seed}",
