@@ -124,7 +124,6 @@ def clip_loss(image_BxD: jax.Array, text_BxD: jax.Array,
   logits_NxN = image_NxD @ text_NxD.T * jnp.exp(log_scale)
   n = logits_NxN.shape[0]
   if text_keys_BxK is None:
-    positive_NxN = None
     target_logits_N = target_logits_T = jnp.diagonal(logits_NxN)
   else:
     keys_NxK = gather_batch(text_keys_BxK, axis_name)
