@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
@@ -267,15 +267,12 @@ def eval_batches(config: ml_collections.ConfigDict, split: str,
   The last batch is padded with zeros; ``batch["_mask"]`` ``[local_batch]``
   is True on real examples. Every process yields the same number of batches.
   """
-  pp = preprocess.build_pp(config.input.pp_eval, vocabularies)
-  source = data_source(config, split)
-  batch_size = local_batch_size(config.eval.batch_size)
-  per_host = -(-len(source) // jax.process_count())
+  size, batch_size, read = _eval_reader(config, split, vocabularies)
+  per_host = -(-size // jax.process_count())
   num_batches = -(-per_host // batch_size)
-  dataset = (_host_shard(grain.MapDataset.range(len(source)))
+  dataset = (_host_shard(grain.MapDataset.range(size))
              .batch(batch_size)
-             .map(lambda indices: pp(read_batch(source, indices),
-                                     np.random.default_rng(0))))
+             .map(read))
   read_options = grain.ReadOptions(num_threads=config.input.num_threads,
                                    prefetch_buffer_size=4)
   iterator = iter(dataset.to_iter_dataset(read_options))
@@ -294,13 +291,22 @@ def first_eval_batch(config: ml_collections.ConfigDict, split: str,
   """The first batch ``eval_batches`` yields on this host, read directly
   (no reader threads, no evaluation started): what compiling the eval step
   ahead of time needs."""
+  size, batch_size, read = _eval_reader(config, split, vocabularies)
+  host_indices = np.arange(size)[jax.process_index()::jax.process_count()]
+  return pad_batch(read(host_indices[:batch_size]), batch_size)
+
+
+def _eval_reader(config: ml_collections.ConfigDict, split: str,
+                 vocabularies: dict[str, Vocabulary]
+                 ) -> tuple[int, int, Callable[[np.ndarray], dict[str, Any]]]:
+  """``(examples in split, local eval batch size, read)``: ``read(indices)``
+  is those examples of ``split`` after ``config.input.pp_eval`` (its random
+  ops drawing from a fixed seed), as every evaluation reads them."""
   pp = preprocess.build_pp(config.input.pp_eval, vocabularies)
   source = data_source(config, split)
-  batch_size = local_batch_size(config.eval.batch_size)
-  host_indices = np.arange(len(source))[jax.process_index()::
-                                        jax.process_count()]
-  return pad_batch(pp(read_batch(source, host_indices[:batch_size]),
-                      np.random.default_rng(0)), batch_size)
+  read = lambda indices: pp(read_batch(source, indices),
+                            np.random.default_rng(0))
+  return len(source), local_batch_size(config.eval.batch_size), read
 
 
 def pad_batch(batch: dict[str, np.ndarray],
