@@ -106,10 +106,7 @@ class MultimodalModel(nn.Module):
     the fusion returns ``{modality: features}``."""
     if self.loss_weighting == "uncertainty":  # Created here, read by the loss.
       losses.LogVariances(tuple(self.heads), name=losses.LOG_VARIANCES)()
-    for modality in self.encoders:
-      if modality not in batch:
-        raise ValueError(f"The model fuses modality {modality!r} but the batch "
-                         f"has only: {', '.join(sorted(batch))}.")
+    check_batch_has(batch, self.encoders, "fuses")
     if train and self.modality_dropout > 0 and len(self.encoders) > 1:
       modalities = tuple(self.encoders)
       keep_BxM = sample_modality_keep(
@@ -155,17 +152,25 @@ class TwoTowerModel(nn.Module):
     """``batch[modality]`` (and optional ``<modality>_mask``) -> ``{modality:
     [batch, embed_dim]}`` float32 embeddings, not normalised."""
     contrastive.LogitScale(self.loss, name=contrastive.LOGIT_SCALE)()
+    check_batch_has(batch, self.encoders, "embeds")
     embeddings = {}
     for modality, encoder in self.encoders.items():
-      if modality not in batch:
-        raise ValueError(f"The model embeds modality {modality!r} but the "
-                         f"batch has only: {', '.join(sorted(batch))}.")
       encoding = encoder(batch[modality], batch.get(f"{modality}_mask"),
                          train=train)
       embeddings[modality] = nn.Dense(
           self.embed_dim, use_bias=False, dtype=self.dtype,
           name=f"projection_{modality}")(encoding.pooled).astype(jnp.float32)
     return embeddings
+
+
+def check_batch_has(batch: Mapping[str, jax.Array],
+                    modalities: Mapping[str, Any], verb: str) -> None:
+  """Raises naming the first of the model's ``modalities`` that ``batch``
+  lacks ("The model <verb> modality ..."), and what the batch holds."""
+  for modality in modalities:
+    if modality not in batch:
+      raise ValueError(f"The model {verb} modality {modality!r} but the "
+                       f"batch has only: {', '.join(sorted(batch))}.")
 
 
 def sample_modality_keep(rng: jax.Array, batch_size: int,
