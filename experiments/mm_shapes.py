@@ -25,7 +25,7 @@ Any field can be overridden, e.g. ``--config.train.steps=500``.
 
 import ml_collections
 
-from mmjax import config_lib
+from mmjax import config_common
 
 IMAGE_AND_TEXT = ("image", "question")
 # Fusions that read the image's tokens, not its pooled vector.
@@ -59,44 +59,30 @@ FUSIONS = {
                 n_bottlenecks=4, num_heads=4, mlp_dim=128),
 }
 
-# The SVM baseline (mmjax/svm.py): one SVM on the image (3,072 pixels) and the
-# question's word counts concatenated, C x gamma (factors of scikit-learn's
-# "scale") chosen on validation, trained on 10,000 of the 60,000 train
-# examples: the kernel matrix grows with the square of the examples (10,000:
-# 0.8 GB). On relational the whole run takes 2.3 minutes on the 2-core CPU
-# machine (grid search 122 s, the chosen fit 15 s; test accuracy 0.433).
-SVM = dict(features="concat", max_train_examples=10_000,
-           C=(1.0, 10.0, 100.0, 1000.0), gamma_factors=(0.01, 0.1, 1.0))
+# The SVM baseline (config_common.svm_baseline) on the image (3,072 pixels)
+# and the question's word counts concatenated. On relational the whole run
+# takes 2.3 minutes on the 2-core CPU machine (grid search 122 s, the chosen
+# fit 15 s; test accuracy 0.433).
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, fusion="film", modalities=IMAGE_AND_TEXT,
-                             dataset="simple", svm=False, runlocal=False)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.rng_impl = "rbg"  # jax_default_prng_impl: "rbg" or "threefry2x32".
-  config.init_from = ""  # A run's workdir to warm-start from,
-  config.init_from_parts = ()  # all of it, or these parts ("encoders_image").
-  config.allow_config_change = False  # Resume a workdir with other settings.
-
-  config.dataset = dict(name="mm_shapes", config=arg.dataset, data_dir="",
-                        manual_dir="", train_split="train",
-                        eval_splits=("validation", "test"))
+  arg = config_common.parse_arg(arg, fusion="film", modalities=IMAGE_AND_TEXT,
+                                dataset="simple", svm=False, runlocal=False)
+  config = config_common.base_config()
+  config.dataset.update(name="mm_shapes", config=arg.dataset)
 
   fields = "keep(keys=('image', 'question', 'question_mask', 'answer'))"
   image_and_text = "normalize(key='image')|tokenize(key='question', max_len=16)"
-  config.input = dict(
-      batch_size=128,
+  config.input.update(
       pp_train=f"{image_and_text}|{fields}",
       pp_eval=f"{image_and_text}|{fields}",
-      num_threads=2, prefetch_batches=8,
       cache=True)  # Decode each split once, into memory (~200 MB).
 
   fusion = arg.fusion if len(arg.modalities) > 1 else "concat"
   if fusion not in FUSIONS:
     raise ValueError(f"Unknown fusion {fusion!r} for mm_shapes. Valid: "
                      f"{', '.join(sorted(FUSIONS))}.")
-  config.model = dict(
+  config.model.update(
       modalities=arg.modalities,
       encoders=dict(
           # FiLM and the attention fusions read the image's feature map only:
@@ -106,38 +92,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           question=dict(name="lstm", embed_dim=64, hidden=128)),
       fusion=FUSIONS[fusion],
       heads=dict(answer=dict(name="classifier", target="answer",
-                             hidden=(256,), dropout=0.0)),
-      # In training, drop each modality of an example with this probability
-      # (never all; mmjax/models.py).
-      modality_dropout=0.0,
-      # Compute dtype: "bfloat16" on GPU/TPU; parameters stay float32.
-      dtype="float32")
+                             hidden=(256,), dropout=0.0)))
 
-  config.optim = dict(name="adamw", learning_rate=2e-3, schedule="warmup_cosine",
-                      warmup_steps=100, weight_decay=1e-4, b1=0.9, b2=0.999,
-                      momentum=0.9, grad_clip_norm=1.0, decay_steps=(),
-                      decay_factor=0.1)
-  config.train = dict(steps=1000, log_every_steps=50, eval_every_steps=500,
-                      skip_nonfinite_updates=False,
-                      # K > 1: seeds seed..seed+K-1 as one program,
-                      # vmapped on GPU/TPU, unrolled on CPU ("auto").
-                      num_seeds=1, seeds_share_data=False,
-                      seeds_program="auto")
-  config.eval = dict(batch_size=500)
-  # keep_best="validation/accuracy" also keeps the best validation step's
-  # state and reports the test metrics there ("" keeps none).
-  config.checkpoint = dict(every_steps=500, max_to_keep=2, async_save=True,
-                           keep_best="", best_mode="auto")
-  config.parallel = dict(backend="pmap")
+  config.optim.update(learning_rate=2e-3, schedule="warmup_cosine",
+                      warmup_steps=100, weight_decay=1e-4, grad_clip_norm=1.0)
   if arg.svm:
-    config.svm = SVM
-
+    config.svm = config_common.svm_baseline()
   if arg.runlocal:
-    config.input.batch_size = 16
-    config.train.update(steps=6, log_every_steps=2, eval_every_steps=4)
-    config.checkpoint.every_steps = 3
-    config.eval.batch_size = 100
-    if arg.svm:
-      config.svm.update(max_train_examples=1000, C=(10.0, 100.0),
-                        gamma_factors=(0.1, 1.0))
+    config_common.apply_runlocal(config, batch_size=16, eval_batch_size=100)
   return config

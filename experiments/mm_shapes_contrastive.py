@@ -39,7 +39,7 @@ with 10% of the labels.
 
 import ml_collections
 
-from mmjax import config_lib
+from mmjax import config_common
 from mmjax.data import mm_shapes
 
 # Zero-shot classes on `simple`: its one-object captions.
@@ -48,11 +48,11 @@ OBJECT_PROMPTS = tuple(f"a {color} {shape}" for color in mm_shapes.COLORS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, loss="clip", positives="same_text",
-                             dataset="simple", runlocal=False)
+  arg = config_common.parse_arg(arg, loss="clip", positives="same_text",
+                                dataset="simple", runlocal=False)
   # Late fusion's encoders: the image CNN pooled to 128 features, the
   # warm-start target's.
-  config = config_lib.sibling_experiment(
+  config = config_common.sibling_experiment(
       __file__, "mm_shapes.py", f"fusion=concat,dataset={arg.dataset}" +
       (",runlocal" if arg.runlocal else ""))
   image_and_caption = ("normalize(key='image')|"

@@ -34,7 +34,7 @@ Variants, as ``--config=experiments/mm_shapes_multitask.py:<arg>,<arg>``:
 
 import ml_collections
 
-from mmjax import config_lib
+from mmjax import config_common
 from mmjax.data import preprocess
 
 TASKS = ("answer", "num_objects", "question_type")
@@ -67,15 +67,15 @@ def _heads(tasks: tuple[str, ...], count: str) -> dict[str, dict]:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, tasks=TASKS, count="regression",
-                             loss_weighting="fixed", runlocal=False)
+  arg = config_common.parse_arg(arg, tasks=TASKS, count="regression",
+                                loss_weighting="fixed", runlocal=False)
   if not arg.tasks or arg.tasks[0] != "answer" or not set(arg.tasks) <= set(
       TASKS):
     raise ValueError(f"tasks={'+'.join(arg.tasks)}: the answer first, then "
                      f"any of {', '.join(TASKS[1:])}.")
   if arg.count not in COUNTS:
     raise ValueError(f"count={arg.count!r}; valid: {', '.join(COUNTS)}.")
-  config = config_lib.sibling_experiment(
+  config = config_common.sibling_experiment(
       __file__, "mm_shapes.py", "fusion=film,dataset=relational" +
       (",runlocal" if arg.runlocal else ""))
   extra = tuple(arg.tasks[1:])

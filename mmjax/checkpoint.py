@@ -32,6 +32,8 @@ import jax
 import orbax.checkpoint as ocp
 
 PyTree = Any
+# Directions of BestCheckpoint's metric: higher or lower is better.
+BEST_MODES = ("max", "min")
 # Checkpoints written before the data position was derived from the step also
 # hold a "data" item (a grain iterator state); it is ignored.
 _ITEMS = ("state", "config")
@@ -180,8 +182,8 @@ class BestCheckpoint:
 
   def __init__(self, directory: str, *, metric: str, mode: str,
                async_save: bool = True):
-    if mode not in ("max", "min"):
-      raise ValueError(f"mode must be 'max' or 'min'; got {mode!r}.")
+    if mode not in BEST_MODES:
+      raise ValueError(f"mode must be one of {BEST_MODES}; got {mode!r}.")
     self.directory = os.path.abspath(directory)
     self.metric, self.mode = metric, mode
     options = ocp.CheckpointManagerOptions(

@@ -1,18 +1,15 @@
-"""Experiment-file helpers: argument parsing and validation before compiling.
+"""Checks a config against the code before anything touches data or compiles.
 
-An experiment file's ``get_config(arg)`` receives the string after the colon in
-``--config=experiments/x.py:fusion=concat,runlocal``. ``parse_arg`` turns it into
-a ``ConfigDict`` with typed defaults, as in big_vision.
-
-``validate_config`` runs before anything touches data or compiles, so a wrong
-name or an impossible setting fails in the first second with a message that
-says what to fix.
+``validate_config`` runs first in every entry point, so that a wrong name or
+an impossible setting fails in the first second with a message that says what
+to fix; the valid names come from their source (the registries, the modules
+that use them), never from copies. ``config_changes`` tells what a resumed
+run would change. Writing configs is ``mmjax.config_common``'s job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
 import json
 import os
@@ -21,65 +18,11 @@ from typing import Any
 import jax
 import ml_collections
 
+from mmjax import checkpoint
 from mmjax import models
+from mmjax import parallel
 from mmjax import registry
-
-RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
-# How a run of several seeds maps its step over them (see steps.over_seeds):
-# "auto" is "vmap" on GPU/TPU and "unroll" on CPU.
-SEEDS_PROGRAMS = ("auto", "vmap", "unroll")
-# Directions of config.checkpoint.keep_best's metric.
-BEST_MODES = ("auto", "max", "min")
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
-
-
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """Parses ``"a=1,b=x,flag"`` into a ConfigDict typed like ``defaults``.
-
-  A bare name (``runlocal``) means ``True``. Tuples are written with ``+``
-  (``modalities=image+question``). Keys that are not in ``defaults`` are
-  rejected, listing the valid ones.
-  """
-  parsed = ml_collections.ConfigDict(defaults)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(
-          f"Unknown config argument {key!r} in {arg!r}. Valid arguments: "
-          f"{', '.join(sorted(defaults))}.")
-    parsed[key] = _parse_value(key, value if "=" in item else "True",
-                               defaults[key])
-  return parsed
-
-
-def sibling_experiment(this_file: str, name: str,
-                       arg: str) -> ml_collections.ConfigDict:
-  """``get_config(arg)`` of experiment file ``name`` in the directory of
-  ``this_file``: for an experiment that extends another, e.g.
-  ``sibling_experiment(__file__, "mm_shapes.py", "fusion=film")``."""
-  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
-  spec = importlib.util.spec_from_file_location(
-      f"mmjax_experiment_{name.removesuffix('.py')}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def _parse_value(key: str, value: str, default: Any) -> Any:
-  if isinstance(default, bool):
-    if value.lower() not in _TRUE + _FALSE:
-      raise ValueError(f"Config argument {key!r} takes true/false; got {value!r}.")
-    return value.lower() in _TRUE
-  if isinstance(default, tuple):
-    return tuple(v for v in value.split("+") if v)
-  if isinstance(default, (int, float)):
-    try:
-      return type(default)(value)
-    except ValueError:
-      raise ValueError(f"Config argument {key!r} takes a {type(default).__name__};"
-                       f" got {value!r}.") from None
-  return value
+from mmjax import steps
 
 
 # Settings that may differ between a run and the run that resumes it: they
@@ -167,22 +110,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     preprocess.parse_pp(config.input[field])  # Raises on unknown op names.
   _check_batch_size(config.input.batch_size, "config.input.batch_size")
   _check_batch_size(config.eval.batch_size, "config.eval.batch_size")
-  if config.parallel.backend not in ("pmap", "shard_map"):
+  if config.parallel.backend not in parallel.BACKENDS:
     raise ValueError(f"Unknown config.parallel.backend "
-                     f"{config.parallel.backend!r}. Valid: pmap, shard_map.")
-  if config.get("rng_impl", "threefry2x32") not in RNG_IMPLS:
-    raise ValueError(f"Unknown config.rng_impl {config.rng_impl!r}. Valid: "
-                     f"{', '.join(RNG_IMPLS)}.")
+                     f"{config.parallel.backend!r}. Valid: "
+                     f"{', '.join(parallel.BACKENDS)}.")
+  _check_rng_impl(config.get("rng_impl", "threefry2x32"))
+  _check_name(registry.OPTIMIZERS, config.optim.name, "config.optim.name")
+  _check_name(registry.SCHEDULES, config.optim.schedule,
+              "config.optim.schedule")
   if config.train.steps <= 0:
     raise ValueError(f"config.train.steps must be positive; got "
                      f"{config.train.steps}.")
   if config.train.get("num_seeds", 1) < 1:
     raise ValueError(f"config.train.num_seeds must be at least 1; got "
                      f"{config.train.num_seeds}.")
-  if config.train.get("seeds_program", "auto") not in SEEDS_PROGRAMS:
+  if config.train.get("seeds_program", "auto") not in steps.SEEDS_PROGRAMS:
     raise ValueError(f"Unknown config.train.seeds_program "
                      f"{config.train.seeds_program!r}. Valid: "
-                     f"{', '.join(SEEDS_PROGRAMS)}.")
+                     f"{', '.join(steps.SEEDS_PROGRAMS)}.")
   for part in config.get("init_from_parts", ()):
     parse_part(part)
   if config.get("init_from_parts") and not config.get("init_from"):
@@ -290,10 +235,11 @@ def _check_keep_best(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.checkpoint.keep_best needs 'validation' in "
                      "config.dataset.eval_splits; got "
                      f"{tuple(config.dataset.eval_splits)}.")
-  if config.checkpoint.get("best_mode", "auto") not in BEST_MODES:
+  modes = ("auto",) + checkpoint.BEST_MODES
+  if config.checkpoint.get("best_mode", "auto") not in modes:
     raise ValueError(f"Unknown config.checkpoint.best_mode "
                      f"{config.checkpoint.best_mode!r}. Valid: "
-                     f"{', '.join(BEST_MODES)}.")
+                     f"{', '.join(modes)}.")
 
 
 def best_mode(config: ml_collections.ConfigDict) -> str:
@@ -306,6 +252,22 @@ def best_mode(config: ml_collections.ConfigDict) -> str:
     metric = config.checkpoint.keep_best.split("/", 1)[1]
     return "min" if metric.startswith(losses.LOWER_IS_BETTER) else "max"
   return mode
+
+
+def _check_rng_impl(name: str) -> None:
+  """``config.rng_impl`` is one of jax's PRNG implementations (jax's error
+  lists them)."""
+  try:
+    jax.random.key(0, impl=name)
+  except ValueError as error:
+    raise ValueError(f"config.rng_impl={name!r}: {error}") from None
+
+
+def _check_name(reg: registry.Registry, name: str, where: str) -> None:
+  """Raises the registry's "unknown name" error, prefixed with ``where``."""
+  if name not in reg:
+    raise ValueError(f"{where}: unknown {reg.kind} {name!r}. Valid "
+                     f"{reg.kind} names: {', '.join(reg.names())}.")
 
 
 def _check_part(reg: registry.Registry, part: ml_collections.ConfigDict,

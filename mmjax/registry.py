@@ -1,4 +1,5 @@
-"""Named parts: encoders, fusion blocks, heads and preprocessing ops.
+"""Named parts: encoders, fusion blocks, heads, preprocessing ops, optimizers
+and learning-rate schedules.
 
 Each kind of part lives in one plain registry. Parts register themselves with a
 decorator where they are defined, and everything else looks them up by the name
@@ -58,11 +59,13 @@ ENCODERS = Registry("encoder")
 FUSIONS = Registry("fusion")
 HEADS = Registry("head")
 OPS = Registry("preprocessing op")
+OPTIMIZERS = Registry("optimizer")
+SCHEDULES = Registry("schedule")
 
 
 # The packages and modules whose import registers parts.
 PART_MODULES = ("mmjax.encoders", "mmjax.fusion", "mmjax.heads",
-                "mmjax.data.preprocess")
+                "mmjax.data.preprocess", "mmjax.optim")
 
 
 def register_all() -> None:

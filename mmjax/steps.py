@@ -84,6 +84,11 @@ def stack_trees(trees: Sequence[PyTree]) -> PyTree:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+# config.train.seeds_program: how ``over_seeds`` maps a step over the seeds;
+# "auto" is "vmap" on GPU/TPU and "unroll" on CPU (train.py).
+SEEDS_PROGRAMS = ("auto", "vmap", "unroll")
+
+
 def over_seeds(step_fn: Callable[..., Any], *, batch_axis: int | None,
                vectorize: bool = True) -> Callable[..., Any]:
   """``step_fn`` (``train_step`` or ``eval_step``, bound) over a stack of

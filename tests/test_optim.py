@@ -71,10 +71,10 @@ def test_step_schedule_refuses_unsorted_or_repeated_decay_steps():
 
 
 def test_unknown_names_list_the_valid_ones():
-  with pytest.raises(ValueError, match="schedule 'cosine'.*constant"):
+  with pytest.raises(ValueError, match="Unknown schedule 'cosine'.*constant"):
     optim.make_schedule(_avmnist_optim(schedule="cosine"), 10)
   schedule = optim.make_schedule(_avmnist_optim(), 10)
-  with pytest.raises(ValueError, match="name 'adam'.*adamw, sgd"):
+  with pytest.raises(ValueError, match="Unknown optimizer 'adam'. Valid optimizer names: adamw, sgd"):
     optim.make_optimizer(_avmnist_optim(name="adam"), schedule)
 
 
