@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from mmjax import checkpoint as checkpoint_lib
 from mmjax import config_lib
+from mmjax import registry
 from mmjax import train
 from mmjax.data import pipeline
 from e2e import load_experiment
@@ -99,8 +100,22 @@ def _dataset_config(name, **extra):
 
 
 def test_unknown_dataset_lists_the_built_in_ones():
-  with pytest.raises(ValueError, match=r"Unknown dataset 'mm_shapez'.*mm_shapes"):
+  with pytest.raises(ValueError, match=r"Unknown dataset 'mm_shapez'. Valid "
+                     r"dataset names: avmnist, mm_shapes\. Any other TFDS "
+                     r"dataset works too"):
     pipeline.ensure_prepared(_dataset_config("mm_shapez"))
+
+
+def test_the_dataset_registry_is_the_one_source_of_the_unknown_name_error():
+  registry.register_datasets()
+  with pytest.raises(ValueError) as from_registry:
+    registry.DATASETS.get("mm_shapez")
+  with pytest.raises(ValueError) as from_pipeline:
+    pipeline.ensure_prepared(_dataset_config("mm_shapez"))
+  assert str(from_pipeline.value) == str(from_registry.value)
+  # Registered under the names TFDS gives the builders.
+  for name in registry.DATASETS.names():
+    assert registry.DATASETS.get(name).name == name
 
 
 class ManualToyDataset(tfds.core.GeneratorBasedBuilder):

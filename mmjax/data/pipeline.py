@@ -11,7 +11,6 @@ local part of the global batch; ``mmjax.parallel`` assembles the global batch.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from typing import Any, Callable, Iterator
@@ -22,13 +21,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax import registry
 from mmjax.data import preprocess
 from mmjax.data.tokenizer import Vocabulary
-
-# Datasets whose TFDS builders live in this package, imported on first use so
-# that TFDS knows them by name.
-BUILDER_MODULES = {"avmnist": "mmjax.data.avmnist",
-                   "mm_shapes": "mmjax.data.mm_shapes"}
 
 MASK_KEY = "_mask"
 
@@ -39,19 +34,25 @@ def dataset_name(config: ml_collections.ConfigDict) -> str:
   return f"{ds.name}/{ds.config}" if ds.get("config") else ds.name
 
 
+def _builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The builder of ``config.dataset`` (not prepared): one of mmjax's
+  (``registry.DATASETS``) or any other dataset that TFDS knows."""
+  registry.register_datasets()
+  ds = config.dataset
+  data_dir = ds.get("data_dir") or None
+  if ds.name in registry.DATASETS:
+    builder_config = {"config": ds.config} if ds.get("config") else {}
+    return registry.DATASETS.get(ds.name)(data_dir=data_dir, **builder_config)
+  try:
+    return tfds.builder(dataset_name(config), data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise registry.DATASETS.unknown_name_error(ds.name) from None
+
+
 def ensure_prepared(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """Returns the dataset's builder, generating the dataset first if needed."""
   ds = config.dataset
-  if ds.name in BUILDER_MODULES:
-    importlib.import_module(BUILDER_MODULES[ds.name])
-  try:
-    builder = tfds.builder(dataset_name(config),
-                           data_dir=ds.get("data_dir") or None)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(
-        f"Unknown dataset {ds.name!r} (config.dataset.name). mmjax builds "
-        f"these itself: {', '.join(sorted(BUILDER_MODULES))}; any other TFDS "
-        "dataset must be registered (imported) before training.") from None
+  builder = _builder(config)
   if not builder.is_prepared():
     manual_dir = ds.get("manual_dir") or None
     _check_manual_dir(builder, manual_dir)
