@@ -137,13 +137,8 @@ def _read_all(source, num_threads: int) -> Iterator[dict[str, np.ndarray]]:
 
 def text_keys(config: ml_collections.ConfigDict) -> list[str]:
   """The fields that a ``tokenize`` op of the pipelines reads."""
-  keys = []
-  for spec in (config.input.pp_train, config.input.pp_eval):
-    for name, kwargs in preprocess.parse_pp(spec):
-      key = kwargs.get("key", "question")
-      if name == "tokenize" and key not in keys:
-        keys.append(key)
-  return keys
+  return preprocess.text_keys(preprocess.parse_pp(config.input.pp_train) +
+                              preprocess.parse_pp(config.input.pp_eval))
 
 
 def load_or_build_vocabularies(config: ml_collections.ConfigDict,
