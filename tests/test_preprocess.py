@@ -19,7 +19,7 @@ def _batch(n=4):
 
 
 def _build(spec, vocabularies=None):
-  return preprocess.build_pp(spec, vocabularies)
+  return preprocess.build_pp(preprocess.parse_pp(spec), vocabularies)
 
 
 def test_parse_pp_reads_ops_and_arguments():

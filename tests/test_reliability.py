@@ -94,9 +94,10 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(
 
 
 def _dataset_config(name, **extra):
-  return ml_collections.ConfigDict(dict(dataset=dict(
+  """A ``config.dataset``."""
+  return ml_collections.ConfigDict(dict(
       name=name, config="", data_dir=extra.get("data_dir", ""),
-      manual_dir=extra.get("manual_dir", ""))))
+      manual_dir=extra.get("manual_dir", "")))
 
 
 def test_unknown_dataset_lists_the_built_in_ones():
@@ -136,13 +137,13 @@ class ManualToyDataset(tfds.core.GeneratorBasedBuilder):
 
 
 def test_missing_manual_dir_says_what_to_download_and_where(tmp_path):
-  config = _dataset_config("manual_toy_dataset", data_dir=str(tmp_path / "tfds"),
-                           manual_dir=str(tmp_path / "raw"))
+  dataset = _dataset_config("manual_toy_dataset", data_dir=str(tmp_path / "tfds"),
+                            manual_dir=str(tmp_path / "raw"))
   with pytest.raises(FileNotFoundError, match=r"(?s)raw is missing or empty\. Download toy\.npz.*--config\.dataset\.manual_dir"):
-    pipeline.ensure_prepared(config)
+    pipeline.ensure_prepared(dataset)
   os.makedirs(tmp_path / "raw")
   np.savez(tmp_path / "raw" / "toy.npz", x=np.arange(3))
-  builder = pipeline.ensure_prepared(config)
+  builder = pipeline.ensure_prepared(dataset)
   assert builder.info.splits["train"].num_examples == 3
 
 

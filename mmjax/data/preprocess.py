@@ -4,13 +4,13 @@ A pipeline is written as in big_vision, ops joined by ``|``::
 
     "normalize(key='image')|random_crop(key='image', pad=2)|tokenize(key='question', max_len=16)"
 
-``parse_pp`` reads the string into ops, checking names and arguments;
-``build_pp`` makes them one function. Each op works on a whole host
-batch (a dict of numpy arrays with a leading ``[batch]`` axis) and takes a
-``np.random.Generator`` that grain seeds from the batch index, so a pipeline
-is deterministic and resumable. Ops are registered in ``mmjax.registry.OPS``;
-an op that needs a vocabulary declares a ``vocabularies`` keyword and
-receives the pipeline's.
+``parse_pp`` reads the string into ops, checking names and arguments (a run
+parses each string once: ``pipeline.Preprocessing``); ``build_pp`` makes the
+parsed ops one function. Each op works on a whole host batch (a dict of numpy
+arrays with a leading ``[batch]`` axis) and takes a ``np.random.Generator``
+that grain seeds from the batch index, so a pipeline is deterministic and
+resumable. Ops are registered in ``mmjax.registry.OPS``; an op that needs a
+vocabulary declares a ``vocabularies`` keyword and receives the pipeline's.
 
 Most ops transform one field. They are written on one array and made ops by
 ``field_op`` (as big_vision's ``InKeyOutKey``), which adds their ``key``, the
@@ -85,13 +85,13 @@ def _pipeline_arguments(factory: Callable[..., Op],
   return {}
 
 
-def build_pp(spec: str,
+def build_pp(ops: Sequence[ParsedOp],
              vocabularies: Mapping[str, Vocabulary] | None = None, *,
              skip: tuple[str, ...] = ()) -> Op:
-  """Returns one function applying every op of ``spec`` in order, but the
-  ops named in ``skip``."""
+  """Returns one function applying every op of ``ops`` (``parse_pp``'s) in
+  order, but the ops named in ``skip``."""
   functions = []
-  for name, kwargs in parse_pp(spec):
+  for name, kwargs in ops:
     if name in skip:
       continue
     factory = OPS.get(name)
