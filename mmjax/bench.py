@@ -118,7 +118,7 @@ def benchmark(config: ml_collections.ConfigDict, experiment: str, *,
   _progress(f"Timing the input pipeline on {pipeline_batches} batches...")
   num_seeds = len(trainer.seeds.values)
   pipeline_rate = pipeline_examples_per_sec(
-      pipeline.iterate_from(trainer.train_batches, 0, config),
+      pipeline.iterate_from(trainer.train_batches, 0, config.input),
       pipeline.local_batch_size(batch_size) * num_seeds,
       num_batches=pipeline_batches)
 
@@ -151,10 +151,12 @@ def _build_trainer(config: ml_collections.ConfigDict,
                    dp: parallel.DataParallel) -> train.Trainer:
   """``train.build_trainer`` on the prepared dataset, with vocabularies built
   from the train split as a new run builds them (no workdir)."""
-  builder = train.prepare_dataset(config)
-  vocabularies = {key: pipeline.build_vocabulary(config, key)
-                  for key in pipeline.text_keys(config)}
-  return train.build_trainer(config, dp, vocabularies, builder)
+  builder = train.prepare_dataset(config.dataset)
+  preprocessing = pipeline.Preprocessing.parse(config.input)
+  vocabularies = {key: pipeline.build_vocabulary(config.dataset, config.input,
+                                                 key)
+                  for key in preprocessing.text_keys}
+  return train.build_trainer(config, dp, vocabularies, builder, preprocessing)
 
 
 @dataclasses.dataclass(frozen=True)

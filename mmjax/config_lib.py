@@ -266,8 +266,7 @@ def _check_rng_impl(name: str) -> None:
 def _check_name(reg: registry.Registry, name: str, where: str) -> None:
   """Raises the registry's "unknown name" error, prefixed with ``where``."""
   if name not in reg:
-    raise ValueError(f"{where}: unknown {reg.kind} {name!r}. Valid "
-                     f"{reg.kind} names: {', '.join(reg.names())}.")
+    raise ValueError(f"{where}: {reg.unknown_name_error(name)}")
 
 
 def _check_part(reg: registry.Registry, part: ml_collections.ConfigDict,

@@ -134,13 +134,14 @@ class Predictor:
 
   def __init__(self, config: ml_collections.ConfigDict,
                model: models.MultimodalModel,
+               preprocessing: pipeline.Preprocessing,
                vocabularies: dict[str, Vocabulary],
                variables: dict[str, Any], step: int):
     self.step, self.variables = step, variables
     self._modalities = tuple(config.model.modalities)
     # The evaluation preprocessing but its final ``keep``, which also keeps
     # the labels that a raw batch for inference does not have.
-    self._pp = preprocess.build_pp(config.input.pp_eval, vocabularies,
+    self._pp = preprocess.build_pp(preprocessing.eval, vocabularies,
                                    skip=("keep",))
     self._predict = jax.jit(functools.partial(
         _predictions, model, losses.head_targets(config.model.heads)))
@@ -175,15 +176,18 @@ def load(workdir: str, checkpoint: Checkpoint = "best",
       or a step.
     seed: for a run of several seeds, which one (default: the first).
   """
-  config, vocabularies, model = _run_model(workdir)
+  config, preprocessing, vocabularies, model = _run_model(workdir)
   variables, step = restore_variables(workdir, config, checkpoint, seed)
-  return config, Predictor(config, model, vocabularies, variables, step)
+  return config, Predictor(config, model, preprocessing, vocabularies,
+                           variables, step)
 
 
 def _run_model(workdir: str) -> tuple[ml_collections.ConfigDict,
+                                      pipeline.Preprocessing,
                                       dict[str, Vocabulary],
                                       models.MultimodalModel]:
-  """The run's config, its saved vocabularies and its (unbound) model."""
+  """The run's config, its preprocessing (parsed), its saved vocabularies
+  and its (unbound) model."""
   config = run_config(workdir)
   if config.model.get("contrastive"):
     raise ValueError(
@@ -192,17 +196,19 @@ def _run_model(workdir: str) -> tuple[ml_collections.ConfigDict,
         "its retrieval and zero-shot metrics; to use its towers, warm-start "
         "a fusion model with --config.init_from and "
         "--config.init_from_parts.")
-  vocabularies = _vocabularies(workdir, config)
-  model = train.model_of(config, vocabularies, pipeline.ensure_prepared(config),
+  preprocessing = pipeline.Preprocessing.parse(config.input)
+  vocabularies = _vocabularies(workdir, preprocessing.text_keys)
+  model = train.model_of(config, vocabularies,
+                         pipeline.ensure_prepared(config.dataset),
                          axis_name=None)
-  return config, vocabularies, model
+  return config, preprocessing, vocabularies, model
 
 
-def _vocabularies(workdir: str,
-                  config: ml_collections.ConfigDict) -> dict[str, Vocabulary]:
-  """The run's saved vocabularies (never rebuilt: ids must match training)."""
+def _vocabularies(workdir: str, keys: list[str]) -> dict[str, Vocabulary]:
+  """The run's saved vocabularies of fields ``keys`` (never rebuilt: ids
+  must match training)."""
   vocabularies = {}
-  for key in pipeline.text_keys(config):
+  for key in keys:
     path = pipeline.vocabulary_path(workdir, key)
     if not os.path.exists(path):
       raise FileNotFoundError(f"The run's vocabulary {path} is missing; it is "
@@ -225,7 +231,8 @@ def evaluate_run(workdir: str, checkpoint: Checkpoint = "best",
   effective robustness against the curves in ``robustness_reference``'s
   ``evaluation.json``, and its plots in the workdir.
   """
-  config, vocabularies, model = _run_model(workdir)
+  config, preprocessing, vocabularies, model = _run_model(workdir)
+  pp = preprocess.build_pp(preprocessing.eval, vocabularies)
   robustness_split = splits[0] if splits else "test"
   reference = (robustness_lib.read_reference(robustness_reference)
                if robustness and robustness_reference else None)
@@ -245,7 +252,7 @@ def evaluate_run(workdir: str, checkpoint: Checkpoint = "best",
     results = {"seed": seed, "step": step}
     for split in splits:
       results[split] = metrics_lib.sums_to_means(train.eval_sums(
-          eval_step, state, config, split, vocabularies))
+          eval_step, state, config, split, pp))
     per_seed.append(results)
   evaluation = {
       "checkpoint": checkpoint,
@@ -253,7 +260,7 @@ def evaluate_run(workdir: str, checkpoint: Checkpoint = "best",
                          for k in per_seed[0][split]} for split in splits},
       "per_seed": per_seed}
   if robustness:
-    keys, accuracy = robustness_lib.evaluate(config, model, vocabularies,
+    keys, accuracy = robustness_lib.evaluate(config, model, pp, vocabularies,
                                              states, robustness_split)
     for results, seed_accuracy in zip(per_seed, accuracy):
       results["robustness"] = robustness_lib.summarize(

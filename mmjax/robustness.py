@@ -148,18 +148,18 @@ def condition(num_modalities: int, *, keep=None, fill: str = "zeros",
                    np.asarray(noise, np.float32), np.int32(seed))
 
 
-def modality_inputs(config: ml_collections.ConfigDict,
+def modality_inputs(config: ml_collections.ConfigDict, pp: preprocess.Op,
                     vocabularies: dict[str, Vocabulary],
                     max_examples: int = STATISTICS_EXAMPLES
                     ) -> tuple[ModalityInput, ...]:
   """Each fused modality's ``ModalityInput``, with statistics over a fixed
-  random sample of at most ``max_examples`` train examples under the
-  evaluation preprocessing."""
-  source = pipeline.data_source(config, config.dataset.train_split)
+  random sample of at most ``max_examples`` train examples under ``pp`` (the
+  evaluation preprocessing)."""
+  source = pipeline.data_source(config.dataset, config.input,
+                                config.dataset.train_split)
   n = min(max_examples, len(source))
   indices = np.sort(np.random.default_rng(0).choice(len(source), n,
                                                     replace=False))
-  pp = preprocess.build_pp(config.input.pp_eval, vocabularies)
   chunks = [pp(pipeline.read_batch(source, part), np.random.default_rng(0))
             for part in np.array_split(indices, -(-n // 500))]
   inputs = []
@@ -324,14 +324,15 @@ def read_reference(workdir: str) -> dict[str, Any]:
   return evaluation["robustness"]["noise"]
 
 
-def evaluate(config: ml_collections.ConfigDict, model,
+def evaluate(config: ml_collections.ConfigDict, model, pp: preprocess.Op,
              vocabularies: dict[str, Vocabulary],
              states: Sequence[steps.TrainState], split: str
              ) -> tuple[list[tuple[str, ...]], np.ndarray]:
   """``(keys, accuracy [states, keys])`` of ``plan``'s conditions on
-  ``split`` (read once), all from one compiled ``corrupted_eval_step``;
-  ``summarize`` makes them the ``"robustness"`` entry."""
-  inputs = modality_inputs(config, vocabularies)
+  ``split`` (read once, after ``pp``: the evaluation preprocessing), all
+  from one compiled ``corrupted_eval_step``; ``summarize`` makes them the
+  ``"robustness"`` entry."""
+  inputs = modality_inputs(config, pp, vocabularies)
   step = jax.jit(functools.partial(
       corrupted_eval_step, model=model,
       targets=losses.head_targets(config.model.heads), inputs=inputs,
@@ -339,8 +340,9 @@ def evaluate(config: ml_collections.ConfigDict, model,
       mask_key=pipeline.MASK_KEY))
   conditions = plan(inputs)
   totals = [[None] * len(conditions) for _ in states]
-  for b, batch in enumerate(pipeline.eval_batches(config, split,
-                                                  vocabularies)):
+  batches = pipeline.eval_batches(config.dataset, config.input, pp, split,
+                                  batch_size=config.eval.batch_size)
+  for b, batch in enumerate(batches):
     for s, state in enumerate(states):
       for c, (_, cond) in enumerate(conditions):
         totals[s][c] = metrics_lib.add_sums(

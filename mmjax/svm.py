@@ -90,23 +90,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   svc_class = _import_svc()
   # Writes config.json; refuses a workdir that holds another experiment.
   train.prepare_workdir(workdir, config)
-  builder = train.prepare_dataset(config)
+  builder = train.prepare_dataset(config.dataset)
   target = classification_target(config, builder)
-  vocabularies = pipeline.load_or_build_vocabularies(config, workdir)
+  preprocessing = pipeline.Preprocessing.parse(config.input)
+  vocabularies = pipeline.load_or_build_vocabularies(
+      config.dataset, config.input, preprocessing.text_keys, workdir)
+  pp = preprocess.build_pp(preprocessing.eval, vocabularies)
 
   train_split = config.dataset.train_split
-  num_train = len(pipeline.data_source(config, train_split))
+  num_train = len(pipeline.data_source(config.dataset, config.input,
+                                       train_split))
   rows = subsample(num_train, config.svm.max_train_examples, config.seed)
   print(f"SVM baseline ({config.svm.features}) on {len(rows):,} of "
         f"{num_train:,} {train_split} examples.", flush=True)
-  train_features, y_train = read_features(config, train_split, rows, target,
-                                          vocabularies)
+  train_features, y_train = read_features(config, pp, train_split, rows,
+                                          target, vocabularies)
   scalers = {m: fit_standardizer(x) for m, x in train_features.items()}
   x_train = views(standardize(train_features, scalers), config.svm.features)
   del train_features
 
   def split_views(split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    features, labels = read_features(config, split, None, target, vocabularies)
+    features, labels = read_features(config, pp, split, None, target,
+                                     vocabularies)
     return views(standardize(features, scalers), config.svm.features), labels
 
   x_val, y_val = split_views(VALIDATION)
@@ -173,12 +178,12 @@ def classification_target(config: ml_collections.ConfigDict,
       not isinstance(features[head.target], tfds.features.ClassLabel)):
     raise ValueError(
         f"config.model.heads.{name}.target={head.target!r} is not a "
-        f"classification label of {pipeline.dataset_name(config)} (a "
+        f"classification label of {pipeline.dataset_name(config.dataset)} (a "
         "ClassLabel feature); the SVM baseline only classifies.")
   if VALIDATION not in builder.info.splits:
     raise ValueError(f"The SVM baseline chooses C and gamma on the "
                      f"{VALIDATION!r} split, which "
-                     f"{pipeline.dataset_name(config)} lacks.")
+                     f"{pipeline.dataset_name(config.dataset)} lacks.")
   return head.target
 
 
@@ -191,15 +196,14 @@ def subsample(num_examples: int, max_examples: int, seed: int) -> np.ndarray:
   return np.sort(rng.choice(num_examples, max_examples, replace=False))
 
 
-def read_features(config: ml_collections.ConfigDict, split: str,
-                  rows: np.ndarray | None, target: str,
+def read_features(config: ml_collections.ConfigDict, pp: preprocess.Op,
+                  split: str, rows: np.ndarray | None, target: str,
                   vocabularies: dict[str, Vocabulary]
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """Examples ``rows`` of ``split`` (``None``: all), through
-  ``config.input.pp_eval``: ``({modality: [examples, features]}, labels
-  [examples])`` (see ``modality_features``)."""
-  pp = preprocess.build_pp(config.input.pp_eval, vocabularies)
-  source = pipeline.data_source(config, split)
+  """Examples ``rows`` of ``split`` (``None``: all), through ``pp``
+  (``config.input.pp_eval``'s function): ``({modality: [examples,
+  features]}, labels [examples])`` (see ``modality_features``)."""
+  source = pipeline.data_source(config.dataset, config.input, split)
   rows = np.arange(len(source)) if rows is None else rows
   vocab_sizes = {k: v.size for k, v in vocabularies.items()}
   chunks, labels = [], []

@@ -43,7 +43,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
@@ -64,6 +64,7 @@ from mmjax import parallel
 from mmjax import preemption
 from mmjax import steps
 from mmjax.data import pipeline
+from mmjax.data import preprocess
 from mmjax.data.tokenizer import Vocabulary
 
 
@@ -90,9 +91,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   _check_workdir_is_shared(workdir)
 
   dp = parallel.DataParallel(config.parallel.backend)
-  builder = prepare_dataset(config)
-  vocabularies = pipeline.load_or_build_vocabularies(config, workdir)
-  trainer = build_trainer(config, dp, vocabularies, builder)
+  builder = prepare_dataset(config.dataset)
+  preprocessing = pipeline.Preprocessing.parse(config.input)
+  vocabularies = pipeline.load_or_build_vocabularies(
+      config.dataset, config.input, preprocessing.text_keys, workdir)
+  trainer = build_trainer(config, dp, vocabularies, builder, preprocessing)
   host_state, seeds = trainer.host_state, trainer.seeds
   num_params = models.count_params(host_state.params) // len(seeds.values)
 
@@ -102,10 +105,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     """Each seed's mean metrics on ``split``."""
     if isinstance(trainer.objective, contrastive.Objective):
       return embedding_metrics(trainer.eval_step, state, config, split,
-                               vocabularies, trainer.objective, seeds.indices,
+                               trainer.eval_pp, vocabularies,
+                               trainer.objective, seeds.indices,
                                place=dp.shard_batch)
-    total = eval_sums(trainer.eval_step, state, config, split, vocabularies,
-                      place=dp.shard_batch)
+    total = eval_sums(trainer.eval_step, state, config, split,
+                      trainer.eval_pp, place=dp.shard_batch)
     return [metrics_lib.sums_to_means(metrics_lib.seed_slice(total, i))
             for i in seeds.indices]
 
@@ -139,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                  config.get("init_from_parts", ()), seeds)
     state = dp.replicate(host_state)
     del host_state
-    programs = compile_steps(trainer, dp, state, config, vocabularies)
+    programs = compile_steps(trainer, dp, state, config)
     copies = (f" x {len(seeds.values)} seeds ({seeds.describe()})"
               if seeds.stacked else "")
     print(f"Training {num_params:,} parameters{copies} on {dp.num_devices} "
@@ -167,7 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
     meter = _Throughput(start_step, config.input.batch_size)
     pending: list[dict[str, Any]] = []
-    batches = pipeline.iterate_from(trainer.train_batches, start_step, config)
+    batches = pipeline.iterate_from(trainer.train_batches, start_step,
+                                    config.input)
     step = start_step
     while step < config.train.steps:
       if stop.should_stop(step):
@@ -238,33 +243,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 def eval_sums(eval_step: Callable[[Any, Any], dict[str, Any]], state: Any,
               config: ml_collections.ConfigDict, split: str,
-              vocabularies: dict[str, Vocabulary], *,
+              pp: preprocess.Op, *,
               place: Callable[[Any], Any] = lambda batch: batch
               ) -> dict[str, np.ndarray]:
-  """``eval_step``'s metric sums over every batch of ``split``
-  (``metrics.sums_to_means`` gives the means); ``place`` puts each host
-  batch where the step reads it (e.g. ``DataParallel.shard_batch``)."""
+  """``eval_step``'s metric sums over every batch of ``split`` after ``pp``
+  (the evaluation preprocessing; ``metrics.sums_to_means`` gives the
+  means); ``place`` puts each host batch where the step reads it (e.g.
+  ``DataParallel.shard_batch``)."""
   total = None
-  for batch in pipeline.eval_batches(config, split, vocabularies):
+  for batch in _eval_batches(config, split, pp):
     total = metrics_lib.add_sums(total, eval_step(state, place(batch)))
   return total
 
 
+def _eval_batches(config: ml_collections.ConfigDict, split: str,
+                  pp: preprocess.Op) -> Iterator[dict[str, np.ndarray]]:
+  """``pipeline.eval_batches`` of ``split`` at ``config.eval.batch_size``."""
+  return pipeline.eval_batches(config.dataset, config.input, pp, split,
+                               batch_size=config.eval.batch_size)
+
+
 def embedding_metrics(embed_step: Callable[[Any, Any], dict[str, Any]],
                       state: Any, config: ml_collections.ConfigDict,
-                      split: str, vocabularies: dict[str, Vocabulary],
+                      split: str, pp: preprocess.Op,
+                      vocabularies: dict[str, Vocabulary],
                       objective: contrastive.Objective,
                       seed_indices: list[int | None], *,
                       place: Callable[[Any], Any] = lambda batch: batch
                       ) -> list[dict[str, float]]:
   """Each seed's retrieval metrics on ``split`` (``contrastive.
   split_metrics``): ``embed_step`` (``contrastive.embed_step``, data
-  parallel) embeds every batch of the split, and the prompts of
-  ``config.eval.zero_shot_prompts`` (if any) as texts of one more batch."""
+  parallel) embeds every batch of the split after ``pp`` (the evaluation
+  preprocessing), and the prompts of ``config.eval.zero_shot_prompts`` (if
+  any) as texts of one more batch."""
   outputs = [jax.device_get(embed_step(state, place(batch))) for batch in
-             pipeline.eval_batches(config, split, vocabularies)]
+             _eval_batches(config, split, pp)]
   prompts = tuple(config.eval.get("zero_shot_prompts", ()))
-  prompt_batch = (_prompt_batch(config, split, vocabularies, objective,
+  prompt_batch = (_prompt_batch(config, split, pp, vocabularies, objective,
                                 prompts) if prompts else None)
   prompt_outputs = (jax.device_get(embed_step(state, place(prompt_batch)))
                     if prompts else None)
@@ -289,14 +304,14 @@ def embedding_metrics(embed_step: Callable[[Any, Any], dict[str, Any]],
 
 
 def _prompt_batch(config: ml_collections.ConfigDict, split: str,
-                  vocabularies: dict[str, Vocabulary],
+                  pp: preprocess.Op, vocabularies: dict[str, Vocabulary],
                   objective: contrastive.Objective,
                   prompts: tuple[str, ...]) -> dict[str, np.ndarray]:
-  """An eval batch of ``split`` whose first texts are the ``prompts``,
-  tokenized as the pipeline tokenizes the text side."""
+  """An eval batch of ``split`` (after ``pp``) whose first texts are the
+  ``prompts``, tokenized as the pipeline tokenizes the text side."""
   text_side = objective.modalities[1]
-  batch = {k: np.array(v) for k, v in pipeline.first_eval_batch(
-      config, split, vocabularies).items()}
+  batch = {k: np.array(v) for k, v in _first_eval_batch(
+      config, split, pp).items()}
   rows, max_len = batch[text_side].shape
   if len(prompts) > rows:
     raise ValueError(f"config.eval.zero_shot_prompts has {len(prompts)} "
@@ -309,15 +324,22 @@ def _prompt_batch(config: ml_collections.ConfigDict, split: str,
   return batch
 
 
+def _first_eval_batch(config: ml_collections.ConfigDict, split: str,
+                      pp: preprocess.Op) -> dict[str, np.ndarray]:
+  """``pipeline.first_eval_batch`` of ``split`` at
+  ``config.eval.batch_size``."""
+  return pipeline.first_eval_batch(config.dataset, config.input, pp, split,
+                                   batch_size=config.eval.batch_size)
+
+
 def compile_steps(trainer: "Trainer", dp: parallel.DataParallel, state: Any,
-                  config: ml_collections.ConfigDict,
-                  vocabularies: dict[str, Vocabulary]
+                  config: ml_collections.ConfigDict
                   ) -> tuple[complexity.CompiledStep, complexity.CompiledStep]:
   """Compiles the train and eval steps ahead of time for the run's batch
   shapes (the first batches'), so that their FLOPs and compile seconds are
   known; the loop's calls reuse the programs."""
-  eval_batch = dp.shard_batch(pipeline.first_eval_batch(
-      config, config.dataset.eval_splits[0], vocabularies))
+  eval_batch = dp.shard_batch(_first_eval_batch(
+      config, config.dataset.eval_splits[0], trainer.eval_pp))
   return (complexity.compile_ahead(trainer.train_step, state,
                                    dp.shard_batch(trainer.train_batches[0])),
           complexity.compile_ahead(trainer.eval_step, state, eval_batch))
@@ -464,6 +486,8 @@ class Trainer:
     train_batches: local train batches, indexed by step (``[local_batch,
       ...]`` numpy arrays per field; ``[local_batch, seeds, ...]`` when the
       seeds read their own data orders).
+    eval_pp: the evaluation preprocessing (``input.pp_eval``, built on the
+      run's vocabularies), for ``eval_sums`` and ``embedding_metrics``.
     host_state: the initial train state, one copy in host memory.
     train_step: ``(state, batch) -> (state, metrics)`` over all devices of
       ``dp``; ``train_step.lower(state, batch)`` compiles it ahead of time.
@@ -475,6 +499,7 @@ class Trainer:
   objective: Callable[..., dict[str, Any]]
   seeds: Seeds
   train_batches: grain.MapDataset
+  eval_pp: preprocess.Op
   host_state: steps.TrainState
   train_step: Callable[[Any, Any], tuple[Any, dict[str, Any]]]
   eval_step: Callable[[Any, Any], dict[str, Any]]
@@ -483,9 +508,12 @@ class Trainer:
 def build_trainer(config: ml_collections.ConfigDict,
                   dp: parallel.DataParallel,
                   vocabularies: dict[str, Vocabulary],
-                  builder: tfds.core.DatasetBuilder) -> Trainer:
-  """The model, optimizer, initial state and data-parallel steps of
-  ``config``, on the dataset of ``builder`` (see ``prepare_dataset``).
+                  builder: tfds.core.DatasetBuilder,
+                  preprocessing: pipeline.Preprocessing) -> Trainer:
+  """The model, optimizer, initial state, data-parallel steps and data of
+  ``config``, on the dataset of ``builder`` (see ``prepare_dataset``),
+  preprocessed by ``preprocessing`` (``config.input``'s, parsed) with
+  ``vocabularies``.
 
   Draws only from ``config.seed`` (and the following seeds, with
   ``config.train.num_seeds``): the same config gives the same state.
@@ -499,11 +527,13 @@ def build_trainer(config: ml_collections.ConfigDict,
 
   seeds = Seeds.of(config)
   own_data = seeds.stacked and not seeds.share_data
+  train_pp = preprocess.build_pp(preprocessing.train, vocabularies)
   if own_data:
-    train_batches = pipeline.train_batches_over_seeds(config, vocabularies,
-                                                      list(seeds.values))
+    train_batches = pipeline.train_batches_over_seeds(
+        config.dataset, config.input, train_pp, list(seeds.values))
   else:
-    train_batches = pipeline.train_batches(config, vocabularies, seeds.values[0])
+    train_batches = pipeline.train_batches(config.dataset, config.input,
+                                           train_pp, seeds.values[0])
   example = train_batches[0]
   _check_batch_has(example, list(config.model.modalities) +
                    [task.target for task in targets.values()], config)
@@ -533,7 +563,9 @@ def build_trainer(config: ml_collections.ConfigDict,
                                  vectorize=vectorize)
   return Trainer(model=model, targets=targets, objective=objective,
                  seeds=seeds,
-                 train_batches=train_batches, host_state=host_state,
+                 train_batches=train_batches,
+                 eval_pp=preprocess.build_pp(preprocessing.eval, vocabularies),
+                 host_state=host_state,
                  train_step=dp.train_step(train_step),
                  eval_step=dp.eval_step(eval_step))
 
@@ -632,15 +664,16 @@ def _log_train(writers: list[metrics_lib.MetricWriter], seeds: Seeds,
   progress.set_postfix(loss=f"{mean('loss'):.3f}", acc=f"{mean('accuracy'):.3f}")
 
 
-def prepare_dataset(config: ml_collections.ConfigDict
+def prepare_dataset(dataset: ml_collections.ConfigDict
                     ) -> tfds.core.DatasetBuilder:
-  """The dataset's builder; process 0 generates the dataset if needed while
-  the others wait, so that no two processes write it."""
+  """The builder of ``dataset`` (``config.dataset``); process 0 generates the
+  dataset if needed while the others wait, so that no two processes write
+  it."""
   if jax.process_index() == 0:
-    builder = pipeline.ensure_prepared(config)
+    builder = pipeline.ensure_prepared(dataset)
   parallel.sync_processes("mmjax: dataset prepared")
   if jax.process_index() != 0:
-    builder = pipeline.ensure_prepared(config)
+    builder = pipeline.ensure_prepared(dataset)
   return builder
 
 
@@ -699,8 +732,9 @@ def _check_batch_has(batch: dict[str, np.ndarray], keys: list[str],
   if missing:
     raise ValueError(
         f"The model needs {', '.join(missing)} (config.model.modalities and "
-        f"head targets), but batches of {pipeline.dataset_name(config)} after "
-        f"config.input.pp_train hold only: {', '.join(sorted(batch))}.")
+        f"head targets), but batches of "
+        f"{pipeline.dataset_name(config.dataset)} after config.input.pp_train "
+        f"hold only: {', '.join(sorted(batch))}.")
 
 
 def _warm_start(state: steps.TrainState, init_from: str,

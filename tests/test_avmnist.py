@@ -168,9 +168,10 @@ def test_tiny_builds_read_back_as_generated_and_agree(tmp_path):
 
 
 def _dataset_config(tmp_path, manual_dir):
-  return ml_collections.ConfigDict(dict(dataset=dict(
+  """A ``config.dataset``."""
+  return ml_collections.ConfigDict(dict(
       name="avmnist", config="", data_dir=str(tmp_path / "tfds"),
-      manual_dir=str(manual_dir))))
+      manual_dir=str(manual_dir)))
 
 
 def test_pipeline_says_what_to_download_then_builds(tmp_path, monkeypatch):

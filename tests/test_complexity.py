@@ -110,12 +110,15 @@ def _model_costs(data_dir, batch_size: int, **overrides):
   jax.config.update("jax_default_prng_impl", config.rng_impl)
   dp = parallel.DataParallel(config.parallel.backend,
                              devices=jax.devices()[:1])
-  builder = train.prepare_dataset(config)
-  vocabularies = {key: pipeline.build_vocabulary(config, key)
-                  for key in pipeline.text_keys(config)}
-  trainer = train.build_trainer(config, dp, vocabularies, builder)
+  builder = train.prepare_dataset(config.dataset)
+  preprocessing = pipeline.Preprocessing.parse(config.input)
+  vocabularies = {key: pipeline.build_vocabulary(config.dataset, config.input,
+                                                 key)
+                  for key in preprocessing.text_keys}
+  trainer = train.build_trainer(config, dp, vocabularies, builder,
+                                preprocessing)
   state = dp.replicate(trainer.host_state)
-  programs = train.compile_steps(trainer, dp, state, config, vocabularies)
+  programs = train.compile_steps(trainer, dp, state, config)
   return train.complexity_of(programs, dp, config, len(trainer.seeds.values))
 
 

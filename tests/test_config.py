@@ -126,9 +126,9 @@ def test_unknown_backend(get_config):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("optim.name", "lamb", r"config.optim.name: unknown optimizer 'lamb'. "
+    ("optim.name", "lamb", r"config.optim.name: Unknown optimizer 'lamb'. "
      r"Valid optimizer names: adamw, sgd"),
-    ("optim.schedule", "cosine", r"config.optim.schedule: unknown schedule "
+    ("optim.schedule", "cosine", r"config.optim.schedule: Unknown schedule "
      r"'cosine'.*constant, step, warmup_cosine"),
     ("rng_impl", "mersenne", r"config.rng_impl='mersenne'.*threefry2x32"),
 ])

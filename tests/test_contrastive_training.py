@@ -104,9 +104,12 @@ def _fusion_trainer(data_dir, workdir, **overrides):
   config = _configured("mm_shapes", "runlocal,fusion=concat", data_dir, {
       "model.encoders.image.features": (8, 16),
       "model.encoders.question.hidden": 32, **overrides})
-  vocabularies = pipeline.load_or_build_vocabularies(config, workdir)
+  preprocessing = pipeline.Preprocessing.parse(config.input)
+  vocabularies = pipeline.load_or_build_vocabularies(
+      config.dataset, config.input, preprocessing.text_keys, workdir)
   return train.build_trainer(config, parallel.DataParallel(), vocabularies,
-                             pipeline.ensure_prepared(config))
+                             pipeline.ensure_prepared(config.dataset),
+                             preprocessing)
 
 
 @pytest.mark.slow

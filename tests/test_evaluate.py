@@ -18,6 +18,7 @@ from mmjax import metrics as metrics_lib
 from mmjax import evaluate
 from mmjax import train
 from mmjax.data import pipeline
+from mmjax.data import preprocess
 
 import e2e
 from helpers import keep_best_config
@@ -176,15 +177,20 @@ def test_load_predicts_raw_examples_as_the_model_scores_them(resumed_run):
   workdir, results, _ = resumed_run
   config, predict = mmjax.load(workdir, checkpoint="best")
   assert predict.step == results["best"]["step"]
-  source = pipeline.data_source(config, "test")
+  source = pipeline.data_source(config.dataset, config.input, "test")
   raw = pipeline.read_batch(source, np.arange(len(source)))
   probabilities = predict({k: raw[k] for k in ("image", "question")})["answer"]
   # The model's own evaluation batches (preprocessed, with the question's
   # padding mask), scored by the restored model.
-  vocabularies = evaluate._vocabularies(workdir, config)
+  preprocessing = pipeline.Preprocessing.parse(config.input)
+  vocabularies = evaluate._vocabularies(workdir, preprocessing.text_keys)
   model = train.model_of(config, vocabularies,
-                         pipeline.ensure_prepared(config), axis_name=None)
-  batches = list(pipeline.eval_batches(config, "test", vocabularies))
+                         pipeline.ensure_prepared(config.dataset),
+                         axis_name=None)
+  batches = list(pipeline.eval_batches(
+      config.dataset, config.input,
+      preprocess.build_pp(preprocessing.eval, vocabularies), "test",
+      batch_size=config.eval.batch_size))
   logits = np.concatenate([
       model.apply(predict.variables, b, train=False)["answer"][b["_mask"]]
       for b in batches])

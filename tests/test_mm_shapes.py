@@ -280,12 +280,12 @@ def test_pipeline_builds_on_first_use_only(tmp_path, monkeypatch, capsys):
   from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(ms.MmShapes, "SPLIT_SIZES",
                       {"train": 8, "validation": 4, "test": 4})
-  config = ml_collections.ConfigDict(dict(dataset=dict(
+  dataset = ml_collections.ConfigDict(dict(
       name="mm_shapes", config="relational", data_dir=str(tmp_path),
-      manual_dir="")))
-  pipeline.ensure_prepared(config)
+      manual_dir=""))
+  pipeline.ensure_prepared(dataset)
   assert "Building dataset mm_shapes/relational into" in capsys.readouterr().out
-  builder = pipeline.ensure_prepared(config)
+  builder = pipeline.ensure_prepared(dataset)
   assert "Building" not in capsys.readouterr().out
   assert builder.info.splits["train"].num_examples == 8
   source = tfds.data_source("mm_shapes/relational", data_dir=tmp_path,

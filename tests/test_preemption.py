@@ -59,10 +59,11 @@ def _signal_during_eval(monkeypatch, split, occurrence, *signums):
   evaluation of ``split``."""
   eval_batches, seen = pipeline.eval_batches, []
 
-  def eval_batches_and_signal(config, eval_split, vocabularies):
+  def eval_batches_and_signal(dataset, input, pp, eval_split, **kwargs):
     if eval_split == split:
       seen.append(eval_split)
-    for i, batch in enumerate(eval_batches(config, eval_split, vocabularies)):
+    for i, batch in enumerate(eval_batches(dataset, input, pp, eval_split,
+                                           **kwargs)):
       yield batch
       if eval_split == split and len(seen) == occurrence and i == 0:
         _send(*signums)

@@ -1,4 +1,5 @@
-"""Preprocessing ops, the pipeline-string parser and the tokenizer."""
+"""Preprocessing ops, the pipeline-string parser, the one-field op decorator
+and the tokenizer."""
 
 import numpy as np
 import pytest
@@ -17,15 +18,50 @@ def _batch(n=4):
           "answer": np.arange(n)}
 
 
+def _build(spec, vocabularies=None):
+  return preprocess.build_pp(preprocess.parse_pp(spec), vocabularies)
+
+
 def test_parse_pp_reads_ops_and_arguments():
-  ops = preprocess.parse_pp("normalize(key='image', mean=0.5)|keep(keys=('a',))|flip_left_right")
+  ops = preprocess.parse_pp("normalize(key='image', mean=0.5)|keep(keys=('a',))|keep")
   assert ops == [("normalize", {"key": "image", "mean": 0.5}),
-                 ("keep", {"keys": ("a",)}), ("flip_left_right", {})]
+                 ("keep", {"keys": ("a",)}), ("keep", {})]
+  assert ops[0].name == "normalize" and ops[0].kwargs == {"key": "image",
+                                                           "mean": 0.5}
 
 
 def test_unknown_op_lists_valid_names():
   with pytest.raises(ValueError, match=r"Unknown preprocessing op 'nope'.*normalize"):
-    preprocess.parse_pp("normalize|nope(x=1)")
+    preprocess.parse_pp("normalize(key='image')|nope(x=1)")
+
+
+@pytest.mark.parametrize("spec", ["tokenize(max_len=8)", "tokenize",
+                                  "normalize(mean=0.5)", "flip_left_right"])
+def test_an_op_without_key_is_an_error(spec):
+  """No op defaults the field it reads (a text key, e.g., comes from the
+  pipeline string, never a default like "question")."""
+  with pytest.raises(ValueError, match=r"missing a required argument: 'key'"):
+    preprocess.parse_pp(spec)
+
+
+def test_tokenize_without_key_is_an_error_when_called_directly():
+  with pytest.raises(TypeError, match="key"):
+    preprocess.tokenize(max_len=8, vocabularies={})
+
+
+def test_an_unknown_argument_names_the_op_and_its_arguments():
+  with pytest.raises(ValueError, match=r"normalize\(key='image', sdt=1\).*"
+                     r"unexpected keyword argument 'sdt'.*normalize takes: "
+                     r"key, out_key, mean, std\."):
+    preprocess.parse_pp("normalize(key='image', sdt=1)")
+
+
+def test_text_keys_are_the_tokenized_fields_once_each_in_order():
+  ops = preprocess.parse_pp(
+      "normalize(key='image')|tokenize(key='caption')|"
+      "tokenize(key='question', max_len=4)|tokenize(key='caption')")
+  assert preprocess.text_keys(ops) == ["caption", "question"]
+  assert preprocess.text_keys(preprocess.parse_pp("normalize(key='image')")) == []
 
 
 def test_malformed_op_says_how_to_write_it():
@@ -50,7 +86,7 @@ def test_vocabulary_save_load_roundtrip(tmp_path):
 def test_pipeline_normalizes_tokenizes_and_keeps():
   batch = _batch()
   vocab = Vocabulary.from_texts(batch["question"][:3])
-  pp = preprocess.build_pp(
+  pp = _build(
       "normalize(key='image', mean=0.0, std=1.0)|tokenize(key='question', max_len=6)"
       "|keep(keys=('image', 'question', 'question_mask', 'answer'))",
       {"question": vocab})
@@ -65,7 +101,49 @@ def test_pipeline_normalizes_tokenizes_and_keeps():
 
 def test_tokenize_without_vocabulary_names_the_key():
   with pytest.raises(ValueError, match="tokenize\\(key='caption'\\) has no vocabulary"):
-    preprocess.build_pp("tokenize(key='caption')", {})
+    _build("tokenize(key='caption')", {})
+
+
+@preprocess.field_op
+def _add(amount=1):
+  """A one-field op for the tests: ``x + amount``."""
+  return lambda x, rng: x + amount
+
+
+def test_field_op_overwrites_its_key_by_default():
+  batch = {"a": np.arange(3), "b": np.zeros(2)}
+  out = _add("a", amount=2)(batch, np.random.default_rng(0))
+  assert out.keys() == batch.keys()
+  np.testing.assert_array_equal(out["a"], [2, 3, 4])
+  assert out["b"] is batch["b"]
+  np.testing.assert_array_equal(batch["a"], [0, 1, 2])  # Not written in place.
+
+
+def test_field_op_with_out_key_writes_a_new_field_and_leaves_its_input():
+  batch = {"a": np.arange(3)}
+  out = _add("a", out_key="c", amount=2)(batch, np.random.default_rng(0))
+  assert set(out) == {"a", "c"}
+  assert out["a"] is batch["a"]
+  np.testing.assert_array_equal(out["c"], [2, 3, 4])
+
+
+def test_a_registered_op_takes_out_key_from_the_pipeline_string():
+  batch = _batch()
+  out = _build("normalize(key='image', out_key='pixels', mean=0.0, std=1.0)")(
+      batch, np.random.default_rng(0))
+  assert set(out) == set(batch) | {"pixels"}
+  np.testing.assert_array_equal(out["image"], batch["image"])
+  np.testing.assert_allclose(out["pixels"], batch["image"] / 255.0, rtol=1e-6)
+
+
+def test_field_op_passes_the_rng_to_random_ops():
+  x = np.arange(8 * 4 * 4, dtype=np.float32).reshape(8, 4, 4, 1)
+  flip = preprocess.flip_left_right("image", out_key="flipped")
+  a = flip({"image": x}, np.random.default_rng(1))["flipped"]
+  np.testing.assert_array_equal(
+      a, flip({"image": x}, np.random.default_rng(1))["flipped"])
+  assert not np.array_equal(
+      a, flip({"image": x}, np.random.default_rng(2))["flipped"])
 
 
 def _translated(x_HxWxC, dy, dx):

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from mmjax import checkpoint as checkpoint_lib
 from mmjax import config_lib
+from mmjax import registry
 from mmjax import train
 from mmjax.data import pipeline
 from e2e import load_experiment
@@ -93,14 +94,29 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(
 
 
 def _dataset_config(name, **extra):
-  return ml_collections.ConfigDict(dict(dataset=dict(
+  """A ``config.dataset``."""
+  return ml_collections.ConfigDict(dict(
       name=name, config="", data_dir=extra.get("data_dir", ""),
-      manual_dir=extra.get("manual_dir", ""))))
+      manual_dir=extra.get("manual_dir", "")))
 
 
 def test_unknown_dataset_lists_the_built_in_ones():
-  with pytest.raises(ValueError, match=r"Unknown dataset 'mm_shapez'.*mm_shapes"):
+  with pytest.raises(ValueError, match=r"Unknown dataset 'mm_shapez'. Valid "
+                     r"dataset names: avmnist, mm_shapes\. Any other TFDS "
+                     r"dataset works too"):
     pipeline.ensure_prepared(_dataset_config("mm_shapez"))
+
+
+def test_the_dataset_registry_is_the_one_source_of_the_unknown_name_error():
+  registry.register_datasets()
+  with pytest.raises(ValueError) as from_registry:
+    registry.DATASETS.get("mm_shapez")
+  with pytest.raises(ValueError) as from_pipeline:
+    pipeline.ensure_prepared(_dataset_config("mm_shapez"))
+  assert str(from_pipeline.value) == str(from_registry.value)
+  # Registered under the names TFDS gives the builders.
+  for name in registry.DATASETS.names():
+    assert registry.DATASETS.get(name).name == name
 
 
 class ManualToyDataset(tfds.core.GeneratorBasedBuilder):
@@ -121,13 +137,13 @@ class ManualToyDataset(tfds.core.GeneratorBasedBuilder):
 
 
 def test_missing_manual_dir_says_what_to_download_and_where(tmp_path):
-  config = _dataset_config("manual_toy_dataset", data_dir=str(tmp_path / "tfds"),
-                           manual_dir=str(tmp_path / "raw"))
+  dataset = _dataset_config("manual_toy_dataset", data_dir=str(tmp_path / "tfds"),
+                            manual_dir=str(tmp_path / "raw"))
   with pytest.raises(FileNotFoundError, match=r"(?s)raw is missing or empty\. Download toy\.npz.*--config\.dataset\.manual_dir"):
-    pipeline.ensure_prepared(config)
+    pipeline.ensure_prepared(dataset)
   os.makedirs(tmp_path / "raw")
   np.savez(tmp_path / "raw" / "toy.npz", x=np.arange(3))
-  builder = pipeline.ensure_prepared(config)
+  builder = pipeline.ensure_prepared(dataset)
   assert builder.info.splits["train"].num_examples == 3
 
 

@@ -21,6 +21,7 @@ from mmjax import parallel
 from mmjax import steps
 from mmjax import train
 from mmjax.data import pipeline
+from mmjax.data import preprocess
 
 import e2e
 from helpers import small_film_batches, small_film_config
@@ -36,6 +37,12 @@ def _config(data_dir, **overrides):
   return e2e.small_config(data_dir, **{
       "rng_impl": "threefry2x32", "model.heads.answer.dropout": 0.1,
       "checkpoint.keep_best": "validation/loss", **overrides})
+
+
+def _vocabularies(config):
+  """The question's vocabulary, as a new run builds it (not saved)."""
+  return {"question": pipeline.build_vocabulary(config.dataset, config.input,
+                                                "question")}
 
 
 @pytest.fixture(autouse=True)
@@ -193,20 +200,25 @@ def test_seed_steps_equal_separate_steps():
 
 def test_each_seed_reads_its_own_data_order_or_a_shared_one(data_dir):
   config = _config(data_dir, **{"train.num_seeds": 3})
-  builder = pipeline.ensure_prepared(config)
+  builder = pipeline.ensure_prepared(config.dataset)
   dp = parallel.DataParallel()
-  vocabularies = {"question": pipeline.build_vocabulary(config, "question")}
-  trainer = train.build_trainer(config, dp, vocabularies, builder)
+  preprocessing = pipeline.Preprocessing.parse(config.input)
+  vocabularies = _vocabularies(config)
+  trainer = train.build_trainer(config, dp, vocabularies, builder,
+                                preprocessing)
   batch = trainer.train_batches[5]
   assert batch["image"].shape[:2] == (config.input.batch_size, 3)
+  pp = preprocess.build_pp(preprocessing.train, vocabularies)
   for k in range(3):
-    own = pipeline.train_batches(config, vocabularies, seed=k)[5]
+    own = pipeline.train_batches(config.dataset, config.input, pp, seed=k)[5]
     for key, value in own.items():
       np.testing.assert_array_equal(batch[key][:, k], value)
 
   config.train.seeds_share_data = True
-  shared = train.build_trainer(config, dp, vocabularies, builder)
-  for key, value in pipeline.train_batches(config, vocabularies)[5].items():
+  shared = train.build_trainer(config, dp, vocabularies, builder,
+                               preprocessing)
+  for key, value in pipeline.train_batches(config.dataset, config.input, pp,
+                                           seed=config.seed)[5].items():
     np.testing.assert_array_equal(shared.train_batches[5][key], value)
   # Each seed starts from its own initialisation either way.
   for trainer in (trainer, shared):
@@ -244,9 +256,10 @@ def test_seed_slice_reads_one_seed_or_passes_one_run_through():
 @pytest.mark.slow
 def test_init_from_a_one_seed_run_starts_every_seed(runs, data_dir):
   config = _config(data_dir, **{"train.num_seeds": SEEDS})
-  vocabularies = {"question": pipeline.build_vocabulary(config, "question")}
-  trainer = train.build_trainer(config, parallel.DataParallel(), vocabularies,
-                                pipeline.ensure_prepared(config))
+  trainer = train.build_trainer(config, parallel.DataParallel(),
+                                _vocabularies(config),
+                                pipeline.ensure_prepared(config.dataset),
+                                pipeline.Preprocessing.parse(config.input))
   started = train._warm_start(trainer.host_state, str(runs / "seed0"), (),
                               trainer.seeds)
   (params, batch_stats), _ = _seed_params(runs / "seed0")

@@ -88,6 +88,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax.data import avmnist_sources as sources
+from mmjax.registry import DATASETS
 
 SPLITS = ("train", "validation", "test")
 NUM_TRAIN = 55_000  # MNIST train rows in `train`; the rest are `validation`.
@@ -374,6 +375,7 @@ def full_checksums(manual_dir: str, config_name: str) -> dict[str, str]:
 # TFDS.
 
 
+@DATASETS.register("avmnist")
 class Avmnist(tfds.core.GeneratorBasedBuilder):
   """The ``avmnist`` dataset; override ``SPLIT_SIZES`` for a smaller build."""
 

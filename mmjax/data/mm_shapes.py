@@ -65,6 +65,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax.registry import DATASETS
+
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow")
@@ -526,6 +528,7 @@ def generate_split(config_name: str, split: str,
 # TFDS.
 
 
+@DATASETS.register("mm_shapes")
 class MmShapes(tfds.core.GeneratorBasedBuilder):
   """The ``mm_shapes`` dataset; override ``SPLIT_SIZES`` for a smaller build."""
 

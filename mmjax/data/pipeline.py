@@ -7,11 +7,16 @@ a fixed batch size with a ``_mask`` field marking real examples.
 
 Each process (host) reads a disjoint part of every split and produces its
 local part of the global batch; ``mmjax.parallel`` assembles the global batch.
+
+Functions take the two config sections they read, ``config.dataset``
+(``dataset``: which TFDS dataset, where) and ``config.input`` (``input``:
+batch size, preprocessing, reader threads), and the preprocessing as a
+function built once (``preprocess.build_pp`` of ``Preprocessing``'s ops).
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import logging
 import os
 from typing import Any, Callable, Iterator
@@ -22,42 +27,68 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax import registry
 from mmjax.data import preprocess
 from mmjax.data.tokenizer import Vocabulary
-
-# Datasets whose TFDS builders live in this package, imported on first use so
-# that TFDS knows them by name.
-BUILDER_MODULES = {"avmnist": "mmjax.data.avmnist",
-                   "mm_shapes": "mmjax.data.mm_shapes"}
 
 MASK_KEY = "_mask"
 
 
-def dataset_name(config: ml_collections.ConfigDict) -> str:
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """A run's two pipeline strings, each parsed once where the run sets up
+  its data; ``preprocess.build_pp`` makes each a function.
+
+  Attributes:
+    train: the ops of ``input.pp_train``.
+    eval: the ops of ``input.pp_eval``.
+  """
+  train: tuple[preprocess.ParsedOp, ...]
+  eval: tuple[preprocess.ParsedOp, ...]
+
+  @classmethod
+  def parse(cls, input: ml_collections.ConfigDict) -> "Preprocessing":
+    return cls(train=tuple(preprocess.parse_pp(input.pp_train)),
+               eval=tuple(preprocess.parse_pp(input.pp_eval)))
+
+  @property
+  def text_keys(self) -> list[str]:
+    """The fields either pipeline tokenizes: those that need a vocabulary."""
+    return preprocess.text_keys(self.train + self.eval)
+
+
+def dataset_name(dataset: ml_collections.ConfigDict) -> str:
   """``"name/config"`` as TFDS spells it."""
-  ds = config.dataset
-  return f"{ds.name}/{ds.config}" if ds.get("config") else ds.name
+  if dataset.get("config"):
+    return f"{dataset.name}/{dataset.config}"
+  return dataset.name
 
 
-def ensure_prepared(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """Returns the dataset's builder, generating the dataset first if needed."""
-  ds = config.dataset
-  if ds.name in BUILDER_MODULES:
-    importlib.import_module(BUILDER_MODULES[ds.name])
+def _builder(dataset: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The builder of ``dataset`` (not prepared): one of mmjax's
+  (``registry.DATASETS``) or any other dataset that TFDS knows."""
+  registry.register_datasets()
+  data_dir = dataset.get("data_dir") or None
+  if dataset.name in registry.DATASETS:
+    builder_config = {"config": dataset.config} if dataset.get("config") else {}
+    return registry.DATASETS.get(dataset.name)(data_dir=data_dir,
+                                               **builder_config)
   try:
-    builder = tfds.builder(dataset_name(config),
-                           data_dir=ds.get("data_dir") or None)
+    return tfds.builder(dataset_name(dataset), data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(
-        f"Unknown dataset {ds.name!r} (config.dataset.name). mmjax builds "
-        f"these itself: {', '.join(sorted(BUILDER_MODULES))}; any other TFDS "
-        "dataset must be registered (imported) before training.") from None
+    raise registry.DATASETS.unknown_name_error(dataset.name) from None
+
+
+def ensure_prepared(dataset: ml_collections.ConfigDict
+                    ) -> tfds.core.DatasetBuilder:
+  """Returns the dataset's builder, generating the dataset first if needed."""
+  builder = _builder(dataset)
   if not builder.is_prepared():
-    manual_dir = ds.get("manual_dir") or None
+    manual_dir = dataset.get("manual_dir") or None
     _check_manual_dir(builder, manual_dir)
-    logging.info("Building %s into %s (first use only).", dataset_name(config),
+    logging.info("Building %s into %s (first use only).", dataset_name(dataset),
                  builder.data_dir)
-    print(f"Building dataset {dataset_name(config)} into {builder.data_dir} "
+    print(f"Building dataset {dataset_name(dataset)} into {builder.data_dir} "
           "(first use only)...", flush=True)
     builder.download_and_prepare(
         file_format="array_record",
@@ -81,19 +112,20 @@ def _check_manual_dir(builder: tfds.core.DatasetBuilder,
       "Then point --config.dataset.manual_dir at that directory.")
 
 
-def data_source(config: ml_collections.ConfigDict, split: str):
+def data_source(dataset: ml_collections.ConfigDict,
+                input: ml_collections.ConfigDict, split: str):
   """A random-access source of ``split``'s examples, for ``read_batch``.
 
-  With ``config.input.cache``, the split is decoded once per process and kept
-  in memory (``DecodedSplit``); otherwise each read decodes its examples.
+  With ``input.cache``, the split is decoded once per process and kept in
+  memory (``DecodedSplit``); otherwise each read decodes its examples.
   """
-  builder = ensure_prepared(config)
-  if not config.input.get("cache", False):
+  builder = ensure_prepared(dataset)
+  if not input.get("cache", False):
     return builder.as_data_source(split=split)
   key = (builder.data_dir, split)
   if key not in _DECODED:
     _DECODED[key] = DecodedSplit.decode(builder.as_data_source(split=split),
-                                        config.input.num_threads)
+                                        input.num_threads)
   return _DECODED[key]
 
 
@@ -134,31 +166,23 @@ def _read_all(source, num_threads: int) -> Iterator[dict[str, np.ndarray]]:
               .to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
 
 
-def text_keys(config: ml_collections.ConfigDict) -> list[str]:
-  """The fields that a ``tokenize`` op of the pipelines reads."""
-  keys = []
-  for spec in (config.input.pp_train, config.input.pp_eval):
-    for name, kwargs in preprocess.parse_pp(spec):
-      key = kwargs.get("key", "question")
-      if name == "tokenize" and key not in keys:
-        keys.append(key)
-  return keys
-
-
-def load_or_build_vocabularies(config: ml_collections.ConfigDict,
+def load_or_build_vocabularies(dataset: ml_collections.ConfigDict,
+                               input: ml_collections.ConfigDict,
+                               keys: list[str],
                                workdir: str) -> dict[str, Vocabulary]:
-  """Word vocabularies for every tokenized field, from the train split.
+  """Word vocabularies for the fields ``keys`` (``Preprocessing.text_keys``),
+  from the train split.
 
   A vocabulary is saved in ``workdir/vocab/`` the first time, and read back on
   resume, so a run keeps the ids its checkpoint was trained with.
   """
   vocabularies = {}
-  for key in text_keys(config):
+  for key in keys:
     path = vocabulary_path(workdir, key)
     if os.path.exists(path):
       vocabularies[key] = Vocabulary.load(path)
       continue
-    vocabularies[key] = build_vocabulary(config, key)
+    vocabularies[key] = build_vocabulary(dataset, input, key)
     if jax.process_index() == 0:
       vocabularies[key].save(path)
   return vocabularies
@@ -169,11 +193,13 @@ def vocabulary_path(workdir: str, key: str) -> str:
   return os.path.join(workdir, "vocab", f"{key}.json")
 
 
-def build_vocabulary(config: ml_collections.ConfigDict, key: str) -> Vocabulary:
-  """The word vocabulary of field ``key`` over the train split (not saved)."""
-  source = data_source(config, config.dataset.train_split)
+def build_vocabulary(dataset: ml_collections.ConfigDict,
+                     input: ml_collections.ConfigDict, key: str) -> Vocabulary:
+  """The word vocabulary of field ``key`` (texts ``[examples]``) over the
+  train split (not saved)."""
+  source = data_source(dataset, input, dataset.train_split)
   return Vocabulary.from_texts(
-      text for chunk in _read_all(source, config.input.num_threads)
+      text for chunk in _read_all(source, input.num_threads)
       for text in chunk[key])
 
 
@@ -188,14 +214,15 @@ def _host_shard(dataset: grain.MapDataset) -> grain.MapDataset:
   return dataset[jax.process_index()::jax.process_count()]
 
 
-def train_batches(config: ml_collections.ConfigDict,
-                  vocabularies: dict[str, Vocabulary],
-                  seed: int | None = None) -> grain.MapDataset:
-  """Preprocessed local train batches, indexed by step (infinite).
+def train_batches(dataset: ml_collections.ConfigDict,
+                  input: ml_collections.ConfigDict, pp: preprocess.Op,
+                  seed: int) -> grain.MapDataset:
+  """Local train batches after ``pp`` (``input.pp_train``'s function),
+  indexed by step (infinite): ``{field: [local_batch, ...]}``.
 
   Element ``step`` is this process's part of the global batch that train step
   ``step`` reads: the train split is shuffled and batched once, globally, with
-  ``seed`` (default ``config.seed``), and process ``p`` of ``P`` takes rows
+  ``seed`` (a run's ``config.seed``), and process ``p`` of ``P`` takes rows
   ``[p * B / P, (p + 1) * B / P)`` of each global batch of ``B`` (and reads
   only those). So the global batches, and therefore the run, do not depend on
   the number of processes, and a run resumes at ``step`` without any saved
@@ -203,9 +230,8 @@ def train_batches(config: ml_collections.ConfigDict,
   Random preprocessing draws from one stream per process (on one process, the
   stream grain gives each batch).
   """
-  pp = preprocess.build_pp(config.input.pp_train, vocabularies)
-  source = data_source(config, config.dataset.train_split)
-  size = local_batch_size(config.input.batch_size)
+  source = data_source(dataset, input, dataset.train_split)
+  size = local_batch_size(input.batch_size)
   index, count = jax.process_index(), jax.process_count()
 
   def read(global_indices, rng):
@@ -215,35 +241,37 @@ def train_batches(config: ml_collections.ConfigDict,
     return pp(read_batch(source, rows), rng)
 
   return (grain.MapDataset.range(len(source))
-          .seed(config.seed if seed is None else seed)
+          .seed(seed)
           .shuffle()
           .repeat()
-          .batch(config.input.batch_size, drop_remainder=True)
+          .batch(input.batch_size, drop_remainder=True)
           .random_map(read))
 
 
-def train_batches_over_seeds(config: ml_collections.ConfigDict,
-                             vocabularies: dict[str, Vocabulary],
+def train_batches_over_seeds(dataset: ml_collections.ConfigDict,
+                             input: ml_collections.ConfigDict,
+                             pp: preprocess.Op,
                              seeds: list[int]) -> grain.MapDataset:
   """``train_batches`` of each of ``seeds``, stacked on a second axis.
 
   Element ``step`` holds ``[local_batch, len(seeds), ...]`` arrays whose
-  ``[:, k]`` is element ``step`` of ``train_batches(config, vocabularies,
+  ``[:, k]`` is element ``step`` of ``train_batches(dataset, input, pp,
   seeds[k])``: seed ``k`` reads the batches of a run with ``config.seed =
   seeds[k]`` (the example axis stays first, so it is split over devices).
   """
-  per_seed = [train_batches(config, vocabularies, seed) for seed in seeds]
+  per_seed = [train_batches(dataset, input, pp, seed) for seed in seeds]
   stack = lambda batches: {key: np.stack([b[key] for b in batches], axis=1)
                            for key in batches[0]}
   return grain.experimental.ZipMapDataset(parents=per_seed).map(stack)
 
 
 def iterate_from(batches: grain.MapDataset, step: int,
-                 config: ml_collections.ConfigDict):
-  """Batches ``step, step + 1, ...`` of ``batches``, read ahead by threads."""
+                 input: ml_collections.ConfigDict):
+  """Batches ``step, step + 1, ...`` of ``batches``, read ahead by
+  ``input.num_threads`` threads."""
   read_options = grain.ReadOptions(
-      num_threads=config.input.num_threads,
-      prefetch_buffer_size=config.input.prefetch_batches)
+      num_threads=input.num_threads,
+      prefetch_buffer_size=input.prefetch_batches)
   return iter(batches[step:].to_iter_dataset(read_options))
 
 
@@ -259,54 +287,57 @@ def read_batch(source, indices: np.ndarray) -> dict[str, np.ndarray]:
   return {key: np.stack([ex[key] for ex in examples]) for key in examples[0]}
 
 
-def eval_batches(config: ml_collections.ConfigDict, split: str,
-                 vocabularies: dict[str, Vocabulary]
+def eval_batches(dataset: ml_collections.ConfigDict,
+                 input: ml_collections.ConfigDict, pp: preprocess.Op,
+                 split: str, *, batch_size: int
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """Every example of ``split`` once, in local batches of a fixed size.
+  """Every example of ``split`` once, after ``pp`` (``input.pp_eval``'s
+  function), in local batches of a fixed size: this process's part of
+  global batches of ``batch_size`` (``config.eval.batch_size``).
 
   The last batch is padded with zeros; ``batch["_mask"]`` ``[local_batch]``
   is True on real examples. Every process yields the same number of batches.
   """
-  size, batch_size, read = _eval_reader(config, split, vocabularies)
+  size, local_size, read = _eval_reader(dataset, input, pp, split, batch_size)
   per_host = -(-size // jax.process_count())
-  num_batches = -(-per_host // batch_size)
-  dataset = (_host_shard(grain.MapDataset.range(size))
-             .batch(batch_size)
+  num_batches = -(-per_host // local_size)
+  batches = (_host_shard(grain.MapDataset.range(size))
+             .batch(local_size)
              .map(read))
-  read_options = grain.ReadOptions(num_threads=config.input.num_threads,
+  read_options = grain.ReadOptions(num_threads=input.num_threads,
                                    prefetch_buffer_size=4)
-  iterator = iter(dataset.to_iter_dataset(read_options))
+  iterator = iter(batches.to_iter_dataset(read_options))
   template = None
   for _ in range(num_batches):
     batch = next(iterator, None)
     if batch is None:  # This host ran out before the others.
       batch = jax.tree.map(lambda x: x[:0], template)
     template = batch
-    yield pad_batch(batch, batch_size)
+    yield pad_batch(batch, local_size)
 
 
-def first_eval_batch(config: ml_collections.ConfigDict, split: str,
-                     vocabularies: dict[str, Vocabulary]
-                     ) -> dict[str, np.ndarray]:
+def first_eval_batch(dataset: ml_collections.ConfigDict,
+                     input: ml_collections.ConfigDict, pp: preprocess.Op,
+                     split: str, *, batch_size: int) -> dict[str, np.ndarray]:
   """The first batch ``eval_batches`` yields on this host, read directly
   (no reader threads, no evaluation started): what compiling the eval step
   ahead of time needs."""
-  size, batch_size, read = _eval_reader(config, split, vocabularies)
+  size, local_size, read = _eval_reader(dataset, input, pp, split, batch_size)
   host_indices = np.arange(size)[jax.process_index()::jax.process_count()]
-  return pad_batch(read(host_indices[:batch_size]), batch_size)
+  return pad_batch(read(host_indices[:local_size]), local_size)
 
 
-def _eval_reader(config: ml_collections.ConfigDict, split: str,
-                 vocabularies: dict[str, Vocabulary]
+def _eval_reader(dataset: ml_collections.ConfigDict,
+                 input: ml_collections.ConfigDict, pp: preprocess.Op,
+                 split: str, batch_size: int
                  ) -> tuple[int, int, Callable[[np.ndarray], dict[str, Any]]]:
-  """``(examples in split, local eval batch size, read)``: ``read(indices)``
-  is those examples of ``split`` after ``config.input.pp_eval`` (its random
-  ops drawing from a fixed seed), as every evaluation reads them."""
-  pp = preprocess.build_pp(config.input.pp_eval, vocabularies)
-  source = data_source(config, split)
+  """``(examples in split, local batch size, read)``: ``read(indices)`` is
+  those examples of ``split`` after ``pp`` (its random ops drawing from a
+  fixed seed), as every evaluation reads them."""
+  source = data_source(dataset, input, split)
   read = lambda indices: pp(read_batch(source, indices),
                             np.random.default_rng(0))
-  return len(source), local_batch_size(config.eval.batch_size), read
+  return len(source), local_batch_size(batch_size), read
 
 
 def pad_batch(batch: dict[str, np.ndarray],
