@@ -107,7 +107,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"got {modality_dropout}.")
   from mmjax.data import preprocess  # pylint: disable=g-import-not-at-top
   for field in ("pp_train", "pp_eval"):
-    preprocess.parse_pp(config.input[field])  # Raises on unknown op names.
+    preprocess.parse_pp(config.input[field])  # Raises on unknown ops, arguments.
   _check_batch_size(config.input.batch_size, "config.input.batch_size")
   _check_batch_size(config.eval.batch_size, "config.eval.batch_size")
   if config.parallel.backend not in parallel.BACKENDS:
