@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_pooled, in_sorted_order
+from mmjax.fusion.base import Fusion, check_pooled, in_sorted_order
 from mmjax.registry import FUSIONS
 
 
@@ -94,7 +94,7 @@ CLASSIFIERS = ("paper", "flatten")
 
 
 @FUSIONS.register("film")
-class FiLMFusion(nn.Module):
+class FiLMFusion(Fusion):
   """FiLM fusion: the other modalities condition the target's tokens.
 
   The conditioning vector is the concatenation of every other modality's
