@@ -1,25 +1,51 @@
-"""What every encoder returns."""
+"""The encoder contract: what every encoder takes and returns.
+
+An encoder turns one modality's batch into an ``Encoding``. Every registered
+encoder (``mmjax.registry.ENCODERS``) subclasses ``Encoder`` and is called as
+
+    encoder(x, mask=None, *, train) -> Encoding
+
+* ``x``: the modality's batch, ``[batch, ...]``; each encoder states its own
+  shape (images ``[batch, height, width, channels]``, token ids ``[batch,
+  time]``, ...).
+* ``mask``: ``[batch, time]`` bool, True on real steps and False on padding;
+  ``None`` when every step is real. Padding follows the real steps (right
+  padding, as the ``tokenize`` op writes it), and a row may have no real step
+  (an empty sequence). Encoders of inputs that are never padded (images,
+  vectors) accept and ignore the mask, so that every encoder has one
+  signature. No value at a padded step may reach ``pooled``.
+* ``train``: training mode: BatchNorm normalises with (and updates) batch
+  statistics and dropout is on; otherwise running statistics and no dropout.
+
+The ``Encoding`` it returns:
+
+* ``pooled``: ``[batch, dim]``, one vector per example; what fusions of
+  pooled vectors read.
+* ``tokens``: the features before pooling: a feature map ``[batch, height,
+  width, channels]`` or a sequence ``[batch, time, dim]``; ``None`` where an
+  encoder has no token view. What attention fusions and FiLM's target read.
+* ``mask``: ``[batch, time]`` bool for sequence tokens, True on real tokens;
+  ``None`` when every token is real.
+"""
 
 from __future__ import annotations
 
 from typing import Optional
 
+import flax.linen as nn
 import flax.struct
 import jax
 
 
 @flax.struct.dataclass
 class Encoding:
-  """One modality's encoding.
-
-  Attributes:
-    pooled: ``[batch, dim]`` summary vector, used by late fusion.
-    tokens: the unpooled features, ``[batch, height, width, channels]`` for
-      images and spectrograms or ``[batch, time, dim]`` for sequences; ``None``
-      where an encoder has no meaningful token view.
-    mask: ``[batch, time]`` bool, True on real (non-padding) tokens; ``None``
-      when every token is real.
+  """One modality's encoding: ``pooled [batch, dim]``, ``tokens`` (or
+  ``None``) and ``mask`` (or ``None``), as the module docstring defines them.
   """
   pooled: jax.Array
   tokens: Optional[jax.Array] = None
   mask: Optional[jax.Array] = None
+
+
+class Encoder(nn.Module):
+  """The base of every encoder; see the module docstring for the contract."""
