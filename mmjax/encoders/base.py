@@ -26,11 +26,21 @@ The ``Encoding`` it returns:
   encoder has no token view. What attention fusions and FiLM's target read.
 * ``mask``: ``[batch, time]`` bool for sequence tokens, True on real tokens;
   ``None`` when every token is real.
+
+Pooled projections. An encoder whose ``pooled`` ends with a learned
+projection of the tokens (e.g. ``cnn``'s ``Dense``) that can be left out
+names the field that sizes it in the class attribute ``pooled_projection``;
+that field set to 0 means no projection: ``pooled`` is then a
+parameter-free pooling of the tokens. ``mmjax.models.build_model`` builds the
+encoder of a modality that the fusion reads as tokens only
+(``mmjax.fusion.base.Fusion.token_modalities``) with
+``without_pooled_projection()``, so that no encoder parameter is left
+without a gradient.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -48,4 +58,19 @@ class Encoding:
 
 
 class Encoder(nn.Module):
-  """The base of every encoder; see the module docstring for the contract."""
+  """The base of every encoder; see the module docstring for the contract.
+
+  Attributes:
+    pooled_projection: (class attribute) the name of the integer field that
+      sizes ``pooled``'s learned projection, 0 meaning none; ``None`` (the
+      default) where ``pooled`` has no projection that can be left out.
+  """
+  pooled_projection: ClassVar[Optional[str]] = None
+
+  @nn.nowrap
+  def without_pooled_projection(self) -> Encoder:
+    """This encoder with its pooled projection switched off (its
+    ``pooled_projection`` field set to 0); itself if it has none."""
+    if self.pooled_projection is None:
+      return self
+    return self.clone(**{self.pooled_projection: 0})

@@ -41,13 +41,15 @@ class ConvEncoder(Encoder):
   Attributes:
     features: output channels of each stage.
     dim: width of ``pooled``, the ``Dense`` layer (with ReLU) on the flattened
-      map; 0 leaves it out: ``pooled`` is then the spatial mean of the final
-      map, ``[batch, features[-1]]``.
+      map; 0 leaves it out (the ``pooled_projection``): ``pooled`` is then
+      the spatial mean of the final map, ``[batch, features[-1]]``.
     downsample: "stride" or "max_pool" (see above).
     axis_name: mapped axis over which BatchNorm averages batch statistics
       under ``pmap``/``shard_map``; ``None`` on a single device.
     dtype: compute dtype; parameters stay float32.
   """
+  pooled_projection = "dim"
+
   features: tuple[int, ...] = (32, 64)
   dim: int = 128
   downsample: str = "stride"

@@ -65,11 +65,14 @@ class ResNetEncoder(Encoder):
     stage_sizes: number of blocks in each stage.
     width: channels of the stem and the first stage.
     dim: width of ``pooled``, a ``Dense`` layer on the global average of the
-      final map; 0 leaves it out: ``pooled`` is then that average itself.
+      final map; 0 leaves it out (the ``pooled_projection``): ``pooled`` is
+      then that average itself.
     axis_name: mapped axis over which BatchNorm averages batch statistics
       under ``pmap``/``shard_map``; ``None`` on a single device.
     dtype: compute dtype; parameters stay float32.
   """
+  pooled_projection = "dim"
+
   stage_sizes: tuple[int, ...] = (1, 1, 1)
   width: int = 16
   dim: int = 128

@@ -22,12 +22,20 @@ rebuilds a dict argument with sorted keys, so a block that followed the
 dict's own order would compute a different function of the same parameters
 inside and outside ``jit`` (``tests/test_modality_order.py``).
 
+What a block reads. By default a block reads each modality's ``pooled``
+vector. A block that reads some modalities' ``tokens`` and never their
+``pooled`` declares them in ``token_modalities``; ``build_model`` then builds
+their encoders without a pooled projection
+(``Encoder.without_pooled_projection``), which would get no gradient.
+
 Errors. A block checks its inputs before it builds a layer and raises
 ``ValueError`` naming itself, the modality and the shapes, and what to use
 instead where it can (the checks below; ``mmjax.fusion.tokens`` for tokens).
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import flax.linen as nn
 
@@ -36,6 +44,13 @@ from mmjax.encoders.base import Encoding
 
 class Fusion(nn.Module):
   """The base of every fusion block; see the module docstring."""
+
+  @nn.nowrap
+  def token_modalities(self, modalities: Iterable[str]) -> frozenset[str]:
+    """Those of ``modalities`` whose ``tokens`` alone this block reads, never
+    their ``pooled``: none by default."""
+    del modalities
+    return frozenset()
 
 
 def in_sorted_order(encodings: dict[str, Encoding]) -> dict[str, Encoding]:

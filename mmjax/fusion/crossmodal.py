@@ -7,7 +7,7 @@ Transformer for Unaligned Multimodal Language Sequences", arXiv:1906.00295.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
@@ -50,7 +50,8 @@ class MulTFusion(Fusion):
 
   Every weight is separate per ordered pair and per target, so the parameter
   count grows as ``M * (M - 1)`` cross-modal stacks; it works for any ``M >=
-  2`` (the paper uses 3: language, vision, audio).
+  2`` (the paper uses 3: language, vision, audio). It reads every modality's
+  ``tokens``, never a ``pooled`` vector (``token_modalities``).
 
   Attributes:
     dim: width of the projected tokens, of each cross-modal stream and of the
@@ -74,6 +75,10 @@ class MulTFusion(Fusion):
   max_len: int = 256
   sincos_2d: bool = True
   dtype: Any = jnp.float32
+
+  @nn.nowrap
+  def token_modalities(self, modalities: Iterable[str]) -> frozenset[str]:
+    return frozenset(modalities)
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,

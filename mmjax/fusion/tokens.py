@@ -8,7 +8,7 @@ Built from the pre-LN layers of ``mmjax.transformer`` (Vaswani et al. 2017,
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -208,6 +208,9 @@ class TokenFusion(Fusion):
   (``TokenEmbedding``, with a learned modality embedding), per-modality
   towers and the late-fusion output. Not registered.
 
+  Both read every modality's ``tokens`` (``token_modalities``), never a
+  ``pooled`` vector.
+
   Attributes:
     dim: width of the tokens and of the output.
     num_layers: total depth.
@@ -230,6 +233,10 @@ class TokenFusion(Fusion):
   max_len: int = 256
   sincos_2d: bool = True
   dtype: Any = jnp.float32
+
+  @nn.nowrap
+  def token_modalities(self, modalities: Iterable[str]) -> frozenset[str]:
+    return frozenset(modalities)
 
   def embed(self, encodings: dict[str, Encoding], block: str, *,
             cls: bool) -> Sequences:
