@@ -8,6 +8,18 @@ baseline is ``modalities=("image",)`` with a fusion that accepts one input
 ``config.model.fusion`` and ``config.model.heads.<head>`` is passed one to one
 to the module of that name.
 
+Token-only modalities: a fusion block declares the modalities whose
+``tokens`` alone it reads (``Fusion.token_modalities``: FiLM's ``target``;
+every modality of ``mult``, ``mm_transformer`` and ``mbt``), and
+``build_model`` builds their encoders without a pooled projection
+(``Encoder.without_pooled_projection``: the field named by the encoder's
+``pooled_projection``, e.g. ``cnn``'s ``dim``, set to 0), whose parameters
+the fusion would never train. So one image encoder config (``cnn`` with
+``dim=128``) serves every fusion: a fusion of pooled vectors (``concat``)
+gets its ``Dense(128)``, FiLM and the attention fusions the feature map
+alone, exactly as if the config had said ``dim=0``. An encoder with no
+``pooled_projection`` is built as configured.
+
 Decision-level (late) fusion (fusion ``decision``; Snoek et al. 2005,
 Ramachandram & Taylor 2017) is the one exception to "fusion -> heads": a
 fusion that returns a dict ``{modality: [batch, dim]}`` instead of one array
@@ -209,7 +221,9 @@ def build_model(model_config: ml_collections.ConfigDict, *,
                 num_classes: Mapping[str, int],
                 axis_name: str | None) -> MultimodalModel | TwoTowerModel:
   """Instantiates the configured parts: a ``TwoTowerModel`` when the config
-  has ``contrastive``, else a ``MultimodalModel``.
+  has ``contrastive``, else a ``MultimodalModel``, whose encoders of the
+  fusion's token-only modalities have no pooled projection (see the module
+  docstring).
 
   Args:
     model_config: ``config.model``; its ``dtype`` (one of ``DTYPES``, default
@@ -226,13 +240,20 @@ def build_model(model_config: ml_collections.ConfigDict, *,
   registry.register_all()
   model_wide = {"axis_name": axis_name,
                 "dtype": jnp.dtype(model_config.get("dtype", "float32"))}
+  fusion, token_only = None, frozenset()
+  if not model_config.get("contrastive"):
+    fusion = _instantiate(registry.FUSIONS, model_config.fusion, PART_KEYS,
+                          model_wide)
+    token_only = fusion.token_modalities(model_config.modalities)
   encoders = {}
   for modality in model_config.modalities:
     part = model_config.encoders[modality]
     encoders[modality] = _instantiate(
         registry.ENCODERS, part, PART_KEYS, model_wide,
         vocab_size=vocab_sizes.get(modality))
-  if model_config.get("contrastive"):
+    if modality in token_only:
+      encoders[modality] = encoders[modality].without_pooled_projection()
+  if fusion is None:
     return TwoTowerModel(encoders=encoders,
                          embed_dim=model_config.contrastive.embed_dim,
                          loss=model_config.contrastive.loss,
@@ -242,8 +263,6 @@ def build_model(model_config: ml_collections.ConfigDict, *,
     heads[head_name] = _instantiate(
         registry.HEADS, part, HEAD_KEYS, model_wide,
         num_classes=_head_outputs(head_name, part, num_classes))
-  fusion = _instantiate(registry.FUSIONS, model_config.fusion, PART_KEYS,
-                        model_wide)
   return MultimodalModel(
       encoders=encoders, fusion=fusion, heads=heads,
       modality_dropout=float(model_config.get("modality_dropout", 0.0)),

@@ -26,10 +26,10 @@ from mmjax.fusion.attention import BottleneckFusion
 from mmjax.fusion.attention import MultimodalTransformerFusion
 from mmjax.fusion.bilinear import MFBFusion, MutanFusion
 from mmjax.fusion.concat import ConcatFusion
+from mmjax.fusion.crossmodal import MulTFusion
 from mmjax.fusion.decision import DecisionFusion
 from mmjax.fusion.film import FiLMFusion
 from mmjax.fusion.gated import GatedFusion, NonLocalGatedFusion
-from mmjax.fusion.mult import MulTFusion
 from mmjax.fusion.multiplicative import MultiplicativeFusion
 from mmjax.fusion.tensor import LowRankFusion, TensorFusion
 

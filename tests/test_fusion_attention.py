@@ -18,7 +18,7 @@ import mmjax.fusion  # Registers the fusion blocks.
 from mmjax.encoders import Encoding
 from mmjax.fusion.attention import BottleneckFusion
 from mmjax.fusion.attention import MultimodalTransformerFusion
-from mmjax.fusion.mult import MulTFusion
+from mmjax.fusion.crossmodal import MulTFusion
 from mmjax.registry import FUSIONS
 
 from helpers import (TEXT_LENGTHS, assert_every_param_gets_grad,

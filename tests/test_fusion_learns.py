@@ -26,7 +26,7 @@ Every batch is new, so this is held-out accuracy (progressive validation),
 without a second forward program to compile.
 
 The attention fusions learn this task because feature-map tokens get a fixed
-2-D sin-cos position code (``mmjax.fusion.attention.TokenEmbedding``): with
+2-D sin-cos position code (``mmjax.fusion.tokens.TokenEmbedding``): with
 the learned ``normal(0.02)`` position table alone (``sincos_2d=False``),
 ``mm_transformer`` (late) and ``mbt`` stay at chance here (0.46 and 0.49).
 MBT's plateau at chance lasts longer than the other attention fusions' and

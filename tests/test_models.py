@@ -105,3 +105,47 @@ def test_early_fusion_mixes_the_modalities_and_late_fusion_does_not():
     assert scale > 1e-2, (arg, scale)
     ratio = np.abs(interaction).max() / scale
     assert (ratio > 0.05) if mixes else (ratio < 1e-5), (arg, ratio)
+
+
+def _init_and_apply(config):
+  """The config's model initialised on ``model_batch()`` (PRNGKey 0) and its
+  eval-mode logits there."""
+  model = models.build_model(config.model, vocab_sizes={"question": VOCAB},
+                             num_classes={"answer": CLASSES}, axis_name=None)
+  batch = model_batch()
+  variables = jax.jit(lambda b: model.init(jax.random.PRNGKey(0), b,
+                                           train=False))(batch)
+  logits = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables,
+                                                                 batch)
+  return variables, logits
+
+
+def _shapes(variables):
+  return {jax.tree_util.keystr(path): x.shape
+          for path, x in jax.tree_util.tree_leaves_with_path(variables)}
+
+
+@pytest.mark.parametrize("arg", ["fusion=film", "fusion=mm_transformer"])
+def test_token_only_image_encoder_is_built_without_its_pooled_projection(arg):
+  """FiLM reads the image's feature map only, mm_transformer every
+  modality's tokens: with the image cnn's ``dim=128`` ``build_model`` leaves
+  out its pooled ``Dense``, which would never train, and builds the model of
+  ``dim=0``, parameter for parameter and bit for bit."""
+  built = {}
+  for dim in (0, 128):
+    config = small_model(load_experiment().get_config(arg))
+    config.model.encoders.image.dim = dim
+    built[dim] = _init_and_apply(config)
+  (variables_0, logits_0), (variables_128, logits_128) = built[0], built[128]
+  assert _shapes(variables_128) == _shapes(variables_0)
+  for x, y in zip(jax.tree.leaves((variables_128, logits_128)),
+                  jax.tree.leaves((variables_0, logits_0)), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_pooled_fusion_keeps_the_image_encoder_pooled_projection():
+  """Concat reads the image's ``pooled``: ``dim=128`` keeps its Dense."""
+  config = small_model(load_experiment().get_config("fusion=concat"))
+  config.model.encoders.image.dim = 128
+  shapes = _shapes(_init_and_apply(config)[0]["params"])
+  assert shapes["['encoders_image']['Dense_0']['kernel']"][-1] == 128

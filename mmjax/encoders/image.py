@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders import fused_conv
-from mmjax.encoders.base import Encoding
+from mmjax.encoders.base import Encoder, Encoding
 from mmjax.registry import ENCODERS
 
 DOWNSAMPLING = ("stride", "max_pool")
@@ -21,7 +21,7 @@ BN_MOMENTUM = 0.9  # Of the running statistics (torch's momentum 0.1).
 
 
 @ENCODERS.register("cnn")
-class ConvEncoder(nn.Module):
+class ConvEncoder(Encoder):
   """Stacked conv stages for images.
 
   Each stage is a 3x3 convolution without bias (BatchNorm's shift makes one
@@ -40,14 +40,16 @@ class ConvEncoder(nn.Module):
 
   Attributes:
     features: output channels of each stage.
-    dim: width of ``pooled``; 0 makes ``pooled`` the spatial mean of the final
-      map, with no parameters, for fusions that read only ``tokens`` (FiLM's
-      target), so no layer is left untrained.
+    dim: width of ``pooled``, the ``Dense`` layer (with ReLU) on the flattened
+      map; 0 leaves it out (the ``pooled_projection``): ``pooled`` is then
+      the spatial mean of the final map, ``[batch, features[-1]]``.
     downsample: "stride" or "max_pool" (see above).
     axis_name: mapped axis over which BatchNorm averages batch statistics
       under ``pmap``/``shard_map``; ``None`` on a single device.
     dtype: compute dtype; parameters stay float32.
   """
+  pooled_projection = "dim"
+
   features: tuple[int, ...] = (32, 64)
   dim: int = 128
   downsample: str = "stride"
@@ -56,19 +58,9 @@ class ConvEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
-    """Encodes a batch of images.
-
-    Args:
-      x: ``[batch, height, width, channels]`` float images.
-      mask: unused; images have no padding. Accepted for a uniform encoder
-        signature.
-      train: use batch statistics (and update the running ones) when True.
-
-    Returns:
-      ``Encoding`` with ``pooled [batch, dim]``, ``tokens`` the final feature
-      map ``[batch, height / 2**S, width / 2**S, features[-1]]`` for ``S``
-      stages, and ``mask`` None.
-    """
+    """Images ``[batch, height, width, channels]`` -> ``pooled [batch, dim]``
+    and ``tokens``, the final map ``[batch, height / 2**S, width / 2**S,
+    features[-1]]`` for ``S`` stages."""
     del mask
     if x.ndim != 4:
       raise ValueError(
@@ -100,7 +92,7 @@ class ConvEncoder(nn.Module):
 
 
 @ENCODERS.register("lenet")
-class LeNetEncoder(nn.Module):
+class LeNetEncoder(Encoder):
   """LeNet, as MultiBench uses it for AV-MNIST images and spectrograms.
 
   LeCun et al. 1998, "Gradient-Based Learning Applied to Document
@@ -146,22 +138,11 @@ class LeNetEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
-    """Encodes a batch of images.
-
-    Args:
-      x: ``[batch, height, width, channels]`` or ``[batch, height, width]``
-        (one channel) float images, with height and width at least
-        ``2**(num_blocks + 1)``.
-      mask: unused; images have no padding. Accepted for a uniform encoder
-        signature.
-      train: use batch statistics (and update the running ones) when True.
-
-    Returns:
-      ``Encoding`` with ``pooled [batch, channels * 2**num_blocks]``,
-      ``tokens`` the final feature map ``[batch, height // 2**P,
-      width // 2**P, channels * 2**num_blocks]`` for ``P = num_blocks + 1``
-      pools, and ``mask`` None.
-    """
+    """Images ``[batch, height, width, channels]`` or ``[batch, height,
+    width]`` (one channel), height and width at least ``2**P`` for ``P =
+    num_blocks + 1`` pools -> ``pooled [batch, C]`` and ``tokens``, the final
+    map ``[batch, height // 2**P, width // 2**P, C]``, ``C = channels *
+    2**num_blocks``."""
     del mask
     if x.ndim == 3:
       x = x[..., None]

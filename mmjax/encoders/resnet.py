@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.encoders.base import Encoding
+from mmjax.encoders.base import Encoder, Encoding
 from mmjax.registry import ENCODERS
 
 
@@ -51,7 +51,7 @@ class BasicBlock(nn.Module):
 
 
 @ENCODERS.register("resnet")
-class ResNetEncoder(nn.Module):
+class ResNetEncoder(Encoder):
   """A ResNet of basic blocks, in the CIFAR style for small images.
 
   He et al. 2016, "Deep Residual Learning for Image Recognition",
@@ -65,11 +65,14 @@ class ResNetEncoder(nn.Module):
     stage_sizes: number of blocks in each stage.
     width: channels of the stem and the first stage.
     dim: width of ``pooled``, a ``Dense`` layer on the global average of the
-      final map; 0 makes ``pooled`` that average itself, with no parameters.
+      final map; 0 leaves it out (the ``pooled_projection``): ``pooled`` is
+      then that average itself.
     axis_name: mapped axis over which BatchNorm averages batch statistics
       under ``pmap``/``shard_map``; ``None`` on a single device.
     dtype: compute dtype; parameters stay float32.
   """
+  pooled_projection = "dim"
+
   stage_sizes: tuple[int, ...] = (1, 1, 1)
   width: int = 16
   dim: int = 128
@@ -78,20 +81,10 @@ class ResNetEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
-    """Encodes a batch of images.
-
-    Args:
-      x: ``[batch, height, width, channels]`` float images.
-      mask: unused; images have no padding. Accepted for a uniform encoder
-        signature.
-      train: use batch statistics (and update the running ones) when True.
-
-    Returns:
-      ``Encoding`` with ``pooled [batch, dim]`` (``[batch, C]`` if ``dim`` is
-      0), ``tokens`` the final feature map ``[batch, ceil(height / 2**S),
-      ceil(width / 2**S), C]`` for ``S = len(stage_sizes) - 1`` and
-      ``C = width * 2**S``, and ``mask`` None.
-    """
+    """Images ``[batch, height, width, channels]`` -> ``pooled [batch,
+    dim]`` (``[batch, C]`` if ``dim`` is 0) and ``tokens``, the final map
+    ``[batch, ceil(height / 2**S), ceil(width / 2**S), C]`` for ``S =
+    len(stage_sizes) - 1`` and ``C = width * 2**S``."""
     del mask
     if x.ndim != 4:
       raise ValueError(

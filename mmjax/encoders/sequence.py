@@ -7,13 +7,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.encoders.base import Encoding
+from mmjax.encoders.base import Encoder, Encoding
 from mmjax.registry import ENCODERS
 from mmjax.transformer import masked_mean
 
 
 @ENCODERS.register("conv1d")
-class Conv1DEncoder(nn.Module):
+class Conv1DEncoder(Encoder):
   """Strided 1-D convolutions over a waveform or a sequence of frames.
 
   In the spirit of the all-convolutional raw-waveform networks of Dai et al.
@@ -53,20 +53,11 @@ class Conv1DEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
-    """Encodes a batch of padded sequences.
-
-    Args:
-      x: ``[batch, time]`` float waveforms or ``[batch, time, features]``
-        frames (e.g. spectrogram columns).
-      mask: ``[batch, time]`` bool, True on real steps; None if all are real.
-      train: use batch statistics (and update the running ones) when True.
-
-    Returns:
-      ``Encoding`` with ``pooled [batch, dim]``, ``tokens [batch, T',
-      features[-1]]`` zeroed at padding for ``T' = ceil(time /
-      stride**len(features))``, and ``mask [batch, T']`` bool (None if the
-      input mask was None).
-    """
+    """Waveforms ``[batch, time]`` or frames ``[batch, time, features]``
+    (e.g. spectrogram columns), optional ``mask [batch, time]`` ->
+    ``pooled [batch, dim]``, ``tokens [batch, T', features[-1]]`` zeroed at
+    padding for ``T' = ceil(time / stride**len(features))``, and ``mask
+    [batch, T']`` (None if the input mask was None)."""
     if x.ndim not in (2, 3):
       raise ValueError(
           "Conv1DEncoder needs waveforms [batch, time] or frames [batch, "
@@ -97,7 +88,7 @@ class Conv1DEncoder(nn.Module):
 
 
 @ENCODERS.register("mlp")
-class MLPEncoder(nn.Module):
+class MLPEncoder(Encoder):
   """A ReLU MLP for tabular or other fixed-size vector inputs.
 
   As MultiBench's MLP encoders (Liang et al. 2021, arXiv:2107.07502): hidden
@@ -116,16 +107,8 @@ class MLPEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
-    """Encodes a batch of vectors.
-
-    Args:
-      x: ``[batch, features]`` floats; ``[batch, ...]`` is flattened.
-      mask: unused; accepted for a uniform encoder signature.
-      train: enables dropout.
-
-    Returns:
-      ``Encoding`` with ``pooled [batch, dim]`` and no tokens or mask.
-    """
+    """Vectors ``[batch, features]`` (``[batch, ...]`` is flattened) ->
+    ``pooled [batch, dim]``; no tokens."""
     del mask
     if x.ndim < 2:
       raise ValueError(

@@ -1,10 +1,5 @@
 """Encoders for token sequences: LSTM, GRU, deep averaging network and
-transformer.
-
-Every text encoder takes ``[batch, time]`` int token ids and an optional
-``[batch, time]`` bool mask (True on real tokens), and its ``pooled`` output
-does not depend on the ids at padded positions.
-"""
+transformer. Each takes ``[batch, time]`` int token ids."""
 
 from __future__ import annotations
 
@@ -14,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.encoders.base import Encoding
+from mmjax.encoders.base import Encoder, Encoding
 from mmjax.registry import ENCODERS
 from mmjax.transformer import PositionEmbedding, Transformer, masked_mean
 
@@ -33,7 +28,7 @@ def _check_tokens(name: str, x: jax.Array, mask: jax.Array | None
   return mask.astype(bool)
 
 
-class RNNEncoder(nn.Module):
+class RNNEncoder(Encoder):
   """Token embedding followed by a unidirectional recurrent network.
 
   The shared body of ``LSTMEncoder`` and ``GRUEncoder``, which differ only in
@@ -69,18 +64,10 @@ class RNNEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
-    """Encodes a batch of right-padded token sequences.
-
-    Args:
-      x: ``[batch, time]`` int token ids.
-      mask: ``[batch, time]`` bool, True on real tokens; None if all are real.
-      train: unused (no dropout or BatchNorm); kept for a uniform signature.
-
-    Returns:
-      ``Encoding`` with ``pooled [batch, hidden]`` (all zeros for an empty
-      sequence), ``tokens [batch, time, hidden]`` zeroed at padding, and
-      ``mask [batch, time]`` (the input mask, all True if it was None).
-    """
+    """Token ids ``[batch, time]`` -> ``pooled [batch, hidden]`` (all zeros
+    for an empty sequence), ``tokens [batch, time, hidden]`` zeroed at
+    padding, and ``mask [batch, time]`` (all True if the input's was None).
+    ``train`` changes nothing: there is no dropout or BatchNorm."""
     del train
     mask = _check_tokens(type(self).__name__, x, mask)
     if mask is None:
@@ -123,7 +110,7 @@ class GRUEncoder(RNNEncoder):
 
 
 @ENCODERS.register("dan")
-class DANEncoder(nn.Module):
+class DANEncoder(Encoder):
   """Deep averaging network: the mean word embedding through a ReLU MLP.
 
   Iyyer et al. 2015, "Deep Unordered Composition Rivals Syntactic Methods for
@@ -146,17 +133,10 @@ class DANEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
-    """Encodes a batch of token sequences.
-
-    Args:
-      x: ``[batch, time]`` int token ids.
-      mask: ``[batch, time]`` bool, True on real tokens; None if all are real.
-      train: unused (no dropout or BatchNorm); kept for a uniform signature.
-
-    Returns:
-      ``Encoding`` with ``pooled [batch, dim]``, ``tokens`` the embeddings
-      ``[batch, time, embed_dim]`` zeroed at padding, and the input ``mask``.
-    """
+    """Token ids ``[batch, time]`` -> ``pooled [batch, dim]``, ``tokens``
+    the embeddings ``[batch, time, embed_dim]`` zeroed at padding, and the
+    input ``mask``. ``train`` changes nothing: there is no dropout or
+    BatchNorm."""
     del train
     mask = _check_tokens("DANEncoder", x, mask)
     x_BxTxE = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)(x)
@@ -169,7 +149,7 @@ class DANEncoder(nn.Module):
 
 
 @ENCODERS.register("text_transformer")
-class TextTransformerEncoder(nn.Module):
+class TextTransformerEncoder(Encoder):
   """Token embedding, learned positions and a pre-LN transformer encoder.
 
   Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762, with
@@ -198,18 +178,9 @@ class TextTransformerEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
-    """Encodes a batch of token sequences.
-
-    Args:
-      x: ``[batch, time]`` int token ids, ``time <= max_len``.
-      mask: ``[batch, time]`` bool, True on real tokens; None if all are real.
-      train: enables dropout.
-
-    Returns:
-      ``Encoding`` with ``pooled [batch, dim]`` (the masked mean of
-      ``tokens``; zeros for an empty sequence), ``tokens [batch, time, dim]``
-      and the input ``mask``.
-    """
+    """Token ids ``[batch, time]``, ``time <= max_len`` -> ``pooled [batch,
+    dim]`` (the mean of ``tokens`` over real tokens; zeros for an empty
+    sequence), ``tokens [batch, time, dim]`` and the input ``mask``."""
     mask = _check_tokens("TextTransformerEncoder", x, mask)
     y_BxTxD = nn.Embed(self.vocab_size, self.dim, dtype=self.dtype)(x)
     y_BxTxD = PositionEmbedding(self.max_len, dtype=self.dtype)(y_BxTxD)

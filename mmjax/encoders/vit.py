@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.encoders.base import Encoding
+from mmjax.encoders.base import Encoder, Encoding
 from mmjax.registry import ENCODERS
 from mmjax.transformer import PositionEmbedding, Transformer
 
@@ -15,7 +15,7 @@ POOLS = ("cls", "mean")
 
 
 @ENCODERS.register("vit")
-class ViTEncoder(nn.Module):
+class ViTEncoder(Encoder):
   """Non-overlapping patches, embedded and fed to a pre-LN transformer.
 
   Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words: Transformers for
@@ -50,20 +50,10 @@ class ViTEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool) -> Encoding:
-    """Encodes a batch of images.
-
-    Args:
-      x: ``[batch, height, width, channels]`` float images.
-      mask: unused; images have no padding. Accepted for a uniform encoder
-        signature.
-      train: enables dropout.
-
-    Returns:
-      ``Encoding`` with ``pooled [batch, dim]``, ``tokens`` the patch outputs
-      ``[batch, N, dim]`` for ``N = (height / patch_size) * (width /
-      patch_size)`` patches in row-major order (never the CLS token), and
-      ``mask`` None.
-    """
+    """Images ``[batch, height, width, channels]`` -> ``pooled [batch,
+    dim]`` and ``tokens``, the patch outputs ``[batch, N, dim]`` for ``N =
+    (height / patch_size) * (width / patch_size)`` patches in row-major order
+    (never the CLS token)."""
     del mask
     if x.ndim != 4:
       raise ValueError(

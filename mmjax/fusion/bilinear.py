@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_multimodal, in_sorted_order
+from mmjax.fusion.base import Fusion, check_multimodal, in_sorted_order
 from mmjax.registry import FUSIONS
 
 # Offset inside the signed square root: its slope at 0 is 1 / (2 sqrt(EPS)),
@@ -54,7 +54,7 @@ def l2_normalize(z_BxD: jax.Array) -> jax.Array:
 
 
 @FUSIONS.register("mfb")
-class MFBFusion(nn.Module):
+class MFBFusion(Fusion):
   """Multi-modal Factorized Bilinear pooling (Yu et al. 2017).
 
   Each modality's ``pooled [batch, d_m]`` is projected by its own
@@ -116,7 +116,7 @@ class MFBFusion(nn.Module):
 
 
 @FUSIONS.register("mutan")
-class MutanFusion(nn.Module):
+class MutanFusion(Fusion):
   """MUTAN: multimodal Tucker fusion (Ben-younes et al. 2017).
 
   The bilinear map ``T x_1 x_2`` is Tucker-decomposed: factor matrices map

@@ -14,19 +14,16 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_pooled, in_sorted_order
+from mmjax.fusion.base import Fusion, check_pooled, in_sorted_order
 from mmjax.registry import FUSIONS
 
 
 @FUSIONS.register("concat")
-class ConcatFusion(nn.Module):
+class ConcatFusion(Fusion):
   """Late fusion: concatenate each modality's ``pooled`` vector, then an MLP.
 
   With one modality this is the unimodal baseline, the same code path as the
   multimodal model.
-
-  Modalities are concatenated in sorted name order, whatever the dict's
-  order (``in_sorted_order``).
 
   Parameter count, ``D = sum_m dim_m`` and ``h_0 = D``: ``sum_l (h_{l-1} +
   1) * hidden[l]``.

@@ -16,20 +16,19 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_pooled, in_sorted_order
+from mmjax.fusion.base import Fusion, check_pooled, in_sorted_order
 from mmjax.registry import FUSIONS
 
 
 @FUSIONS.register("decision")
-class DecisionFusion(nn.Module):
+class DecisionFusion(Fusion):
   """Keeps the modalities apart, so that each gets its own prediction.
 
   Each modality's ``pooled [batch, d_m]`` goes through its own ``Dense(dim)``
-  and ReLU. The block returns a dict, not one array: ``MultimodalModel``
-  then applies every head to each modality's features, with separate head
-  parameters per modality (``heads_<head>_<modality>``), and takes the mean
-  of the per-modality logits as the head's logits. The modalities interact
-  only in that average of decisions.
+  and ReLU, and the block returns ``{modality: [batch, dim]}``: the model
+  applies each head to each modality's features and averages the logits
+  (``mmjax.models``). The modalities interact only in that average of
+  decisions.
 
   Works with one modality (then it is a unimodal model with one more layer).
 
@@ -57,7 +56,7 @@ class DecisionFusion(nn.Module):
   def __call__(self, encodings: dict[str, Encoding], *,
                train: bool) -> dict[str, jax.Array]:
     """``{name: Encoding}``, each ``pooled [batch, d_m]`` -> ``{name:
-    [batch, dim]}``, in sorted modality order."""
+    [batch, dim]}``."""
     del train
     if not encodings:
       raise ValueError("Decision fusion needs at least one modality.")

@@ -6,14 +6,14 @@ with a General Conditioning Layer", arXiv:1709.07871.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_pooled, in_sorted_order
+from mmjax.fusion.base import Fusion, check_pooled, in_sorted_order
 from mmjax.registry import FUSIONS
 
 
@@ -94,14 +94,15 @@ CLASSIFIERS = ("paper", "flatten")
 
 
 @FUSIONS.register("film")
-class FiLMFusion(nn.Module):
+class FiLMFusion(Fusion):
   """FiLM fusion: the other modalities condition the target's tokens.
 
   The conditioning vector is the concatenation of every other modality's
   ``pooled``, in sorted name order. The target's ``tokens`` ``[batch, height,
-  width, c]`` pass through a 1x1 conv stem to ``channels``, ``num_blocks``
-  FiLMed residual blocks (``FiLMResBlock``) and an output stage chosen by
-  ``classifier``, which returns ``[batch, dim]``:
+  width, c]`` (never its ``pooled``: ``token_modalities``) pass through a 1x1
+  conv stem to ``channels``, ``num_blocks`` FiLMed residual blocks
+  (``FiLMResBlock``) and an output stage chosen by ``classifier``, which
+  returns ``[batch, dim]``:
 
     ``"paper"`` (default): the paper's classifier up to its MLP: 1x1 conv to
       ``dim`` channels, BatchNorm, ReLU, global max-pool over space. The
@@ -168,6 +169,11 @@ class FiLMFusion(nn.Module):
   use_coords: bool = True
   axis_name: str | None = None
   dtype: Any = jnp.float32
+
+  @nn.nowrap
+  def token_modalities(self, modalities: Iterable[str]) -> frozenset[str]:
+    """The target, if fused: the block reads its tokens only."""
+    return frozenset(modalities) & {self.target}
 
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,

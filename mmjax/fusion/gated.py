@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_multimodal, in_sorted_order, token_sequences
+from mmjax.fusion.base import Fusion, check_multimodal, in_sorted_order
+from mmjax.fusion.tokens import token_sequences
 from mmjax.registry import FUSIONS
 from mmjax.transformer import masked_mean
 
@@ -27,7 +28,7 @@ GATES = ("sigmoid", "softmax")
 
 
 @FUSIONS.register("gated")
-class GatedFusion(nn.Module):
+class GatedFusion(Fusion):
   """Gated Multimodal Unit (Arevalo et al. 2017, arXiv:1702.01992).
 
   Each modality ``i`` (sorted by name) is mapped from its ``pooled`` ``x_i``
@@ -106,7 +107,7 @@ class GatedFusion(nn.Module):
 
 
 @FUSIONS.register("nonlocal_gated")
-class NonLocalGatedFusion(nn.Module):
+class NonLocalGatedFusion(Fusion):
   """Gates every token of a modality by the global context of the others.
 
   For each modality ``m``, its tokens (``[batch, h, w, c]`` feature maps

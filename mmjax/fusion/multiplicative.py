@@ -14,20 +14,19 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_multimodal, in_sorted_order
+from mmjax.fusion.base import Fusion, check_multimodal, in_sorted_order
 from mmjax.registry import FUSIONS
 
 FORMS = ("matrix", "vector", "scalar")
 
 
 @FUSIONS.register("multiplicative")
-class MultiplicativeFusion(nn.Module):
+class MultiplicativeFusion(Fusion):
   """A multiplicative-interaction layer (Jayakumar et al. 2020).
 
   ``x [batch, dx]`` is the first modality's ``pooled`` in sorted name order
-  (whatever the dict's order, ``in_sorted_order``) and ``z [batch, dz]`` the
-  concatenation of every other modality's, in that order. The paper's layer
-  is
+  and ``z [batch, dz]`` the concatenation of every other modality's, in that
+  order. The paper's layer is
 
     ``f(x, z) = z^T W x + z^T U + V x + b``
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.inputs import check_multimodal, in_sorted_order
+from mmjax.fusion.base import Fusion, check_multimodal, in_sorted_order
 from mmjax.registry import FUSIONS
 
 
@@ -42,7 +42,7 @@ def outer_product(zs: list[jax.Array]) -> jax.Array:
 
 
 @FUSIONS.register("tensor")
-class TensorFusion(nn.Module):
+class TensorFusion(Fusion):
   """Tensor Fusion Network's fusion layer (Zadeh et al. 2017).
 
   Each modality's ``pooled [batch, d_m]`` gets a constant 1 appended; the
@@ -51,8 +51,8 @@ class TensorFusion(nn.Module):
 
     out = ReLU(vec([z_1; 1] (x) [z_2; 1] (x) ... (x) [z_M; 1]) W + b)
 
-  Modalities enter in sorted name order, whatever the dict's order; the first
-  one's index varies slowest in the flattened product.
+  The first modality's index (by name) varies slowest in the flattened
+  product.
 
   The outer product grows as the product of the widths: three 128-d
   modalities give 2.2M features and, with ``dim=128``, a 280M-parameter
@@ -103,7 +103,7 @@ class TensorFusion(nn.Module):
 
 
 @FUSIONS.register("low_rank")
-class LowRankFusion(nn.Module):
+class LowRankFusion(Fusion):
   """Low-rank Multimodal Fusion (Liu et al. 2018).
 
   TFN's weight tensor, ``[d_1 + 1, ..., d_M + 1, dim]``, is replaced by a sum

@@ -1,4 +1,5 @@
-"""Multimodal Transformer: cross-modal attention between every pair.
+"""Multimodal Transformer (MulT): crossmodal attention between every pair
+of modalities; registered as ``mult``.
 
 Tsai, Bai, Liang, Kolter, Morency & Salakhutdinov, 2019, "Multimodal
 Transformer for Unaligned Multimodal Language Sequences", arXiv:1906.00295.
@@ -6,22 +7,22 @@ Transformer for Unaligned Multimodal Language Sequences", arXiv:1906.00295.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmjax.encoders.base import Encoding
-from mmjax.fusion.attention import (TokenEmbedding, check_attention_config,
-                                    feature_map_grids)
-from mmjax.fusion.inputs import check_multimodal, token_sequences
+from mmjax.fusion.base import Fusion, check_multimodal
+from mmjax.fusion.tokens import (TokenEmbedding, check_attention_config,
+                                 feature_map_grids, token_sequences)
 from mmjax.registry import FUSIONS
 from mmjax.transformer import Transformer, TransformerLayer, masked_mean
 
 
 @FUSIONS.register("mult")
-class MulTFusion(nn.Module):
+class MulTFusion(Fusion):
   """MulT (Tsai et al. 2019): each modality attends to each other one.
 
   1. Each modality's tokens (feature maps flattened to ``[batch, h*w, c]``)
@@ -49,7 +50,8 @@ class MulTFusion(nn.Module):
 
   Every weight is separate per ordered pair and per target, so the parameter
   count grows as ``M * (M - 1)`` cross-modal stacks; it works for any ``M >=
-  2`` (the paper uses 3: language, vision, audio).
+  2`` (the paper uses 3: language, vision, audio). It reads every modality's
+  ``tokens``, never a ``pooled`` vector (``token_modalities``).
 
   Attributes:
     dim: width of the projected tokens, of each cross-modal stream and of the
@@ -74,12 +76,15 @@ class MulTFusion(nn.Module):
   sincos_2d: bool = True
   dtype: Any = jnp.float32
 
+  @nn.nowrap
+  def token_modalities(self, modalities: Iterable[str]) -> frozenset[str]:
+    return frozenset(modalities)
+
   @nn.compact
   def __call__(self, encodings: dict[str, Encoding], *,
                train: bool) -> jax.Array:
-    """Fuses ``{name: Encoding}``, each with ``tokens [batch, h, w, c]`` or
-    ``[batch, time, d_m]`` (and optional ``mask [batch, time]``), into
-    ``[batch, dim]``."""
+    """``{name: Encoding}``, each with ``tokens [batch, h, w, c]`` or
+    ``[batch, time, d_m]`` -> ``[batch, dim]``."""
     check_multimodal(encodings, "mult")
     check_attention_config("mult", dim=self.dim, num_heads=self.num_heads,
                            num_layers=self.num_layers)
