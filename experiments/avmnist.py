@@ -40,7 +40,8 @@ AUDIO_MEAN_STD = {"snr_m10db": (0.560, 0.104), "snr_0db": (0.463, 0.105),
                   "snr_10db": (0.371, 0.110), "snr_inf": (0.115, 0.170)}
 
 # MultiBench's fusions map to 240 features (its multiplicative interactions:
-# channels * 40), read by the MLP head 240-100-10.
+# channels * 40), read by the MLP head 240-100-10. Any other registered
+# fusion runs with its defaults.
 FUSIONS = {
     "concat": dict(name="concat", hidden=()),
     "tensor": dict(name="tensor", dim=240),
@@ -96,16 +97,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.update(batch_size=40, pp_train=pp, pp_eval=pp)
 
   fusion = arg.fusion if len(arg.modalities) > 1 else "concat"
-  if fusion not in FUSIONS:
-    raise ValueError(f"Unknown fusion {fusion!r} for avmnist. Valid: "
-                     f"{', '.join(sorted(FUSIONS))}.")
   blocks = TOKEN_BLOCKS if fusion == "mult" else LENET_BLOCKS
   config.model.update(
       modalities=arg.modalities,
       encoders={m: dict(name="lenet", channels=6, num_blocks=blocks[m],
                         conv_impl="fused")
                 for m in ("image", "audio")},
-      fusion=FUSIONS[fusion],
+      fusion=FUSIONS.get(fusion, dict(name=fusion)),
       heads=dict(label=dict(name="classifier", target="label", hidden=(100,),
                             dropout=0.0)))
 

@@ -11,7 +11,8 @@ Variants, as ``--config=experiments/mm_shapes.py:<arg>,<arg>``:
                             nonlocal_gated, decision (per-modality logits
                             averaged); attention over tokens: mult (MulT),
                             mm_transformer (early fusion),
-                            mm_transformer_late, mbt (see mmjax/fusion)
+                            mm_transformer_late, mbt: any registered fusion
+                            (mmjax/fusion/__init__.py lists them)
   modalities=image          unimodal baselines (also =question); a single
                             modality is fused with ``concat``
   dataset=relational        3-6 objects and relational questions
@@ -28,9 +29,11 @@ import ml_collections
 from mmjax import config_common
 
 IMAGE_AND_TEXT = ("image", "question")
-# Fusions that read the image's tokens, not its pooled vector.
-TOKEN_FUSIONS = ("film", "mult", "mm_transformer", "mm_transformer_late", "mbt")
 
+# The blocks' settings on mm_shapes, written out so that config.json records
+# them and ``--config.model.fusion.<field>=`` can override them (a field must
+# exist to be overridden). Any other registered fusion runs with its
+# defaults.
 FUSIONS = {
     "concat": dict(name="concat", hidden=(256,)),
     # classifier="flatten" is mmjax's output stage, not the paper's (see
@@ -51,6 +54,7 @@ FUSIONS = {
                  num_heads=4, mlp_dim=128),
     "mm_transformer": dict(name="mm_transformer", dim=64, num_layers=2,
                            fusion_layer=0, num_heads=4, mlp_dim=128),
+    # The per-modality towers joined at the last layer.
     "mm_transformer_late": dict(name="mm_transformer", dim=64, num_layers=2,
                                 fusion_layer=2, num_heads=4, mlp_dim=128),
     # One bottleneck layer would fuse nothing: layer 0 writes the bottleneck,
@@ -79,18 +83,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       cache=True)  # Decode each split once, into memory (~200 MB).
 
   fusion = arg.fusion if len(arg.modalities) > 1 else "concat"
-  if fusion not in FUSIONS:
-    raise ValueError(f"Unknown fusion {fusion!r} for mm_shapes. Valid: "
-                     f"{', '.join(sorted(FUSIONS))}.")
   config.model.update(
       modalities=arg.modalities,
       encoders=dict(
-          # FiLM and the attention fusions read the image's feature map only:
-          # no pooled projection.
-          image=dict(name="cnn", features=(32, 64),
-                     dim=0 if fusion in TOKEN_FUSIONS else 128),
+          # A fusion that reads only the image's feature map (FiLM, the
+          # attention fusions) gets it without the pooled projection.
+          image=dict(name="cnn", features=(32, 64), dim=128),
           question=dict(name="lstm", embed_dim=64, hidden=128)),
-      fusion=FUSIONS[fusion],
+      fusion=FUSIONS.get(fusion, dict(name=fusion)),
       heads=dict(answer=dict(name="classifier", target="answer",
                              hidden=(256,), dropout=0.0)))
 
