@@ -60,7 +60,7 @@ FUSIONS = {
 # 1e-3, gradients clipped at norm 0.8; its learning-rate decay on plateau is
 # left out), not the SGD of MultiBench's recipe. After 1 epoch, seed 0: with
 # SGD at 0.1 it stays at the image-only level (test 0.637; 0.645 ± 0.005 over
-# 3 seeds before the 2-D position code of mmjax/fusion/attention.py), and
+# 3 seeds before the 2-D position code of mmjax/fusion/tokens.py), and
 # giving each of 2,000 test examples another example's audio costs it 4
 # points (0.630 -> 0.587): it barely reads the audio. With Adam it reaches
 # 0.748, and the same permutation costs 19 points (0.734 -> 0.546).
