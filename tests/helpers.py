@@ -170,7 +170,8 @@ def attention_encodings(num=2, batch=B, seed=0, text_lengths=TEXT_LENGTHS,
 # (spatial shape, in channels, out channels, kernel size): LeNet's first
 # layer on one channel, a wider layer, and odd sides whose last row and
 # column the pool drops.
-FUSED_CONV_CASES = [((11, 12), 1, 6, 5), ((8, 8), 4, 6, 3), ((7, 9), 2, 3, 3)]
+FUSED_CONV_CASES = [((11, 12), 1, 6, 5), ((8, 8), 4, 6, 3), ((7, 9), 2, 3, 3),
+                    ((9, 10), 3, 2, 4)]
 
 
 def fused_conv_inputs(shape, in_channels, out_channels, size, seed=0):

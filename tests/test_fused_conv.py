@@ -2,8 +2,9 @@
 
 Reference: ``lax.conv_general_dilated`` (SAME, no bias), flax's
 ``nn.BatchNorm`` in training mode, ReLU and ``image.max_pool_2x2``. Values,
-batch statistics and gradients (input, kernel, scale, bias) must agree, on
-one device and with the statistics averaged over 4 devices.
+batch statistics and gradients (input, kernel, scale, bias) must agree, in
+the usual and the planar layout, on one device and with the statistics
+averaged over 4 devices.
 """
 
 from __future__ import annotations
@@ -43,31 +44,48 @@ def _reference_block(x, kernel, scale, bias, axis_name=None):
   return image.max_pool_2x2(nn.relu(normed)), stats["mean"], stats["var"]
 
 
+def _planar_block(x, kernel, scale, bias, axis_name=None):
+  """``conv_bn_relu_pool`` in the planar layout, on and to NHWC maps."""
+  out, mean, var = fused_conv.conv_bn_relu_pool(
+      fused_conv.to_planar(x), kernel, scale, bias, axis_name, True)
+  return fused_conv.from_planar(out), mean, var
+
+
+BLOCKS = {"usual": fused_conv.conv_bn_relu_pool, "planar": _planar_block}
+
+
 def _assert_trees_close(actual, expected, atol=ATOL, rtol=1e-4):
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=atol,
                                  rtol=rtol), actual, expected)
 
 
-@pytest.mark.parametrize("in_channels,size", [(1, 5), (1, 3), (3, 3)])
-def test_conv_same_matches_lax(in_channels, size):
+@pytest.mark.parametrize("planar", [False, True])
+@pytest.mark.parametrize("in_channels,size", [(1, 5), (1, 3), (3, 3), (2, 4)])
+def test_conv_same_matches_lax(in_channels, size, planar):
   x, kernel, _, _ = fused_conv_inputs((2, 9, 10), in_channels, 4, size)
-  np.testing.assert_allclose(fused_conv.conv_same(x, kernel),
-                             _lax_conv(x, kernel), atol=1e-5, rtol=1e-5)
+  if planar:
+    out = fused_conv.from_planar(fused_conv.conv_same(
+        fused_conv.to_planar(x), kernel, planar=True))
+  else:
+    out = fused_conv.conv_same(x, kernel)
+  np.testing.assert_allclose(out, _lax_conv(x, kernel), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", BLOCKS)
 @pytest.mark.parametrize("shape,in_channels,out_channels,size",
                          FUSED_CONV_CASES)
-def test_block_matches_unfused_layers(shape, in_channels, out_channels, size):
+def test_block_matches_unfused_layers(shape, in_channels, out_channels, size,
+                                      layout):
+  block = BLOCKS[layout]
   args = fused_conv_inputs((4,) + shape, in_channels, out_channels, size)
-  _assert_trees_close(jax.jit(fused_conv.conv_bn_relu_pool)(*args),
-                      jax.jit(_reference_block)(*args))
+  _assert_trees_close(jax.jit(block)(*args), jax.jit(_reference_block)(*args))
   grad = lambda block: jax.jit(jax.grad(
       functools.partial(fused_conv_loss, block), argnums=(0, 1, 2, 3)))(*args)
-  _assert_trees_close(grad(fused_conv.conv_bn_relu_pool),
-                      grad(_reference_block))
+  _assert_trees_close(grad(block), grad(_reference_block))
 
 
-def test_tied_maxima_share_the_gradient():
+@pytest.mark.parametrize("layout", BLOCKS)
+def test_tied_maxima_share_the_gradient(layout):
   """Windows with several maxima (a constant input region) split the
   gradient between them, as ``jnp.max``'s gradient does."""
   x, kernel, scale, bias = fused_conv_inputs((4, 8, 8), 1, 3, 3)
@@ -75,16 +93,18 @@ def test_tied_maxima_share_the_gradient():
   scale = jnp.abs(scale) + 0.1
   grad = lambda block: jax.grad(functools.partial(fused_conv_loss, block),
                                 argnums=(0, 1, 2, 3))(x, kernel, scale, bias)
-  _assert_trees_close(grad(fused_conv.conv_bn_relu_pool),
-                      grad(_reference_block))
+  _assert_trees_close(grad(BLOCKS[layout]), grad(_reference_block))
 
 
-def test_block_with_statistics_over_devices():
+@pytest.mark.parametrize("layout", BLOCKS)
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_block_with_statistics_over_devices(layout, in_channels):
   """Under ``pmap``, statistics and their gradients cover all devices."""
   devices = jax.local_devices()[:4]
   assert len(devices) == 4, "conftest.py simulates 4 CPU devices"
-  x, kernel, scale, bias = fused_conv_inputs((8, 10, 10), 1, 4, 5)
-  x = x.reshape(4, 2, 10, 10, 1) * jnp.arange(1, 5).reshape(4, 1, 1, 1, 1)
+  x, kernel, scale, bias = fused_conv_inputs((8, 10, 10), in_channels, 4, 5)
+  x = (x.reshape(4, 2, 10, 10, in_channels) *
+       jnp.arange(1, 5).reshape(4, 1, 1, 1, 1))
 
   def per_device(block):
     def fn(x, kernel, scale, bias):
@@ -94,14 +114,16 @@ def test_block_with_statistics_over_devices():
     return jax.pmap(fn, axis_name="batch", in_axes=(0, None, None, None),
                     devices=devices)(x, kernel, scale, bias)
 
-  _assert_trees_close(per_device(fused_conv.conv_bn_relu_pool),
+  _assert_trees_close(per_device(BLOCKS[layout]),
                       per_device(_reference_block))
 
 
-@pytest.mark.parametrize("side,num_blocks", [(28, 3), (30, 2)])
+@pytest.mark.parametrize("side,num_blocks", [(28, 3), (30, 2), (64, 2)])
 def test_lenet_fused_matches_lax(side, num_blocks):
   """The encoder's two ``conv_impl``s: the same variables at
-  initialisation, and the same outputs, statistics and gradients."""
+  initialisation, and the same outputs, statistics and gradients (the fused
+  one switching between the planar and the usual layout: planar at 64 and
+  32 pixels wide and at 28 and 30 for one input channel, usual after)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (4, side, side))
   encoders = {impl: image.LeNetEncoder(channels=3, num_blocks=num_blocks,
                                        conv_impl=impl)

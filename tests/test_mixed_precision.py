@@ -210,19 +210,24 @@ def test_train_step_in_bfloat16_keeps_float32_state_and_loss():
 # The fused LeNet block.
 
 
+@pytest.mark.parametrize("planar", [False, True])
 @pytest.mark.parametrize("shape,in_channels,out_channels,size",
                          FUSED_CONV_CASES)
 def test_fused_block_gradients_have_the_primal_dtypes(shape, in_channels,
-                                                      out_channels, size):
+                                                      out_channels, size,
+                                                      planar):
   """bfloat16 input, float32 kernel, scale and bias: the output is bfloat16,
-  the statistics float32, and each gradient has its argument's dtype."""
+  the statistics float32, and each gradient has its argument's dtype, in
+  both layouts."""
   x, kernel, scale, bias = fused_conv_inputs((4,) + shape, in_channels,
                                              out_channels, size)
+  if planar:
+    x = fused_conv.to_planar(x)
+  block = functools.partial(fused_conv.conv_bn_relu_pool, planar=planar)
   args = (x.astype(BF16), kernel, scale, bias)
-  out, mean, var = jax.eval_shape(fused_conv.conv_bn_relu_pool, *args)
+  out, mean, var = jax.eval_shape(block, *args)
   assert (out.dtype, mean.dtype, var.dtype) == (BF16, F32, F32)
-  grads = jax.eval_shape(jax.grad(functools.partial(
-      fused_conv_loss, fused_conv.conv_bn_relu_pool),
+  grads = jax.eval_shape(jax.grad(functools.partial(fused_conv_loss, block),
                                   argnums=(0, 1, 2, 3)), *args)
   assert [g.dtype for g in grads] == [BF16, F32, F32, F32]
 

@@ -159,6 +159,7 @@ class LeNetEncoder(Encoder):
           f"LeNetEncoder with num_blocks={self.num_blocks} max-pools "
           f"{num_pools} times and needs height and width of at least "
           f"{2**num_pools}; got images of shape {x.shape}.")
+    planar = False  # The layout of x (fused_conv's planar or NHWC).
     for i in range(num_pools):
       size = 5 if i == 0 else 3
       features = self.channels * 2**i
@@ -169,27 +170,38 @@ class LeNetEncoder(Encoder):
             use_running_average=not train, momentum=BN_MOMENTUM,
             axis_name=self.axis_name, dtype=self.dtype)(x)
         x = max_pool_2x2(nn.relu(x))
-      else:
-        x = self._fused_block(i, x, features, size, train)
+        continue
+      in_features = x.shape[0] if planar else x.shape[-1]
+      width = x.shape[-1] if planar else x.shape[2]
+      block_planar = fused_conv.use_planar(in_features, features, width)
+      if block_planar != planar:
+        x = fused_conv.to_planar(x) if block_planar else (
+            fused_conv.from_planar(x))
+        planar = block_planar
+      x = self._fused_block(i, x, features, size, train, planar)
+    if planar:
+      x = fused_conv.from_planar(x)
     return Encoding(pooled=x.mean(axis=(1, 2)), tokens=x)
 
   def _fused_block(self, i: int, x: jax.Array, features: int, size: int,
-                   train: bool) -> jax.Array:
-    """Block ``i`` by ``fused_conv``, with the variables that ``nn.Conv`` and
-    ``nn.BatchNorm`` would create (same names, initial values and updates)."""
-    kernel = _ConvKernel(features, size, name=f"Conv_{i}")(x.shape[-1])
+                   train: bool, planar: bool) -> jax.Array:
+    """Block ``i`` by ``fused_conv`` (on planar ``x`` if ``planar``), with
+    the variables that ``nn.Conv`` and ``nn.BatchNorm`` would create (same
+    names, initial values and updates)."""
+    in_features = x.shape[0] if planar else x.shape[-1]
+    kernel = _ConvKernel(features, size, name=f"Conv_{i}")(in_features)
     # As nn.Conv(dtype=...) casts its input; fused_conv rounds the float32
     # kernel to the same dtype.
     x = jnp.asarray(x, self.dtype)
     scale, bias, ra_mean, ra_var = _BatchNormVariables(
         features, name=f"BatchNorm_{i}")()
     if not train:
-      y = fused_conv.conv_same(x, kernel)
+      y = fused_conv.conv_same(x, kernel, planar)
       return fused_conv.normalize_relu_pool(y, ra_mean.value, ra_var.value,
-                                            scale, bias)
+                                            scale, bias, planar)
     axis_name = None if self.is_initializing() else self.axis_name
     x, mean, var = fused_conv.conv_bn_relu_pool(x, kernel, scale, bias,
-                                                axis_name)
+                                                axis_name, planar)
     if not self.is_initializing():
       # As nn.BatchNorm updates them.
       ra_mean.value = BN_MOMENTUM * ra_mean.value + (1 - BN_MOMENTUM) * mean
