@@ -300,12 +300,14 @@ def evaluate_robustness(variants: Sequence[Variant], workdir: str,
   """Runs ``python -m mmjax.evaluate --robustness`` (on the best checkpoint
   where the run kept one) on each finished variant without robustness in
   its ``evaluation.json``, ``reference`` first; returns the failed names.
-  Output goes to ``WORKDIR/<name>.robustness.log``."""
+  SVM baselines (``mmjax.svm``) are skipped: they keep no network to
+  evaluate. Output goes to ``WORKDIR/<name>.robustness.log``."""
   failed = []
   ordered = sorted(variants, key=lambda v: v.name != reference)
   for variant in ordered:
     run = os.path.join(workdir, variant.name)
-    if read_results(workdir, variant) is None:
+    results = read_results(workdir, variant)
+    if results is None or "svm" in results:
       continue
     done = _read_json(os.path.join(run, "evaluation.json")).get("robustness")
     if done and (reference is None or variant.name == reference or

@@ -327,7 +327,8 @@ def test_the_sweep_tabulates_and_evaluates_robustness(tmp_path, monkeypatch):
           "image_only": [_fake_robustness(0.7, -0.2, None, ("image",))]}
   variants = [sweep.Variant("late_s0", group="late"),
               sweep.Variant("late_s1", group="late"), sweep.Variant("film"),
-              sweep.Variant("image_only"), sweep.Variant("not_run")]
+              sweep.Variant("image_only"), sweep.Variant("not_run"),
+              sweep.Variant("svm")]
   for name, per_seed in runs.items():
     os.makedirs(tmp_path / name)
     (tmp_path / name / "evaluation.json").write_text(json.dumps(
@@ -345,9 +346,12 @@ def test_the_sweep_tabulates_and_evaluates_robustness(tmp_path, monkeypatch):
   assert table[4] == "| image_only | 0.700 | | 0.700 | 0.667 | -0.200 | | |"
   assert len(table) == 5
 
-  # Evaluation: finished runs only (not late_s1, not_run), the reference
-  # first; skipped where done (late_s0), again where done without the
-  # reference (film).
+  # Evaluation: finished networks only (not late_s1, not_run, svm), the
+  # reference first; skipped where done (late_s0), again where done without
+  # the reference (film).
+  os.makedirs(tmp_path / "svm")
+  (tmp_path / "svm" / "results.json").write_text(json.dumps(
+      {"svm": {"features": "concat"}}))
   for name in ("late_s0", "film", "image_only"):
     (tmp_path / name / "results.json").write_text("{}")
     (tmp_path / name / "config.json").write_text(json.dumps(
