@@ -122,8 +122,8 @@ def test_block_with_statistics_over_devices(layout, in_channels):
 def test_lenet_fused_matches_lax(side, num_blocks):
   """The encoder's two ``conv_impl``s: the same variables at
   initialisation, and the same outputs, statistics and gradients (the fused
-  one switching between the planar and the usual layout: planar at 64 and
-  32 pixels wide and at 28 and 30 for one input channel, usual after)."""
+  one's layouts: at side 64 all three blocks planar, at 28 and 30 the first
+  block planar and the later ones usual)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (4, side, side))
   encoders = {impl: image.LeNetEncoder(channels=3, num_blocks=num_blocks,
                                        conv_impl=impl)

@@ -118,11 +118,11 @@ class LeNetEncoder(Encoder):
   narrow early blocks (``fused_conv.use_planar``) run on ``[channels, batch,
   height, width]`` maps, the encoder transposing at the switches. The
   AV-MNIST late-fusion train step at batch 40 runs 1.5x faster than with
-  the reference layers on one core and 1.7x on two (README, Performance). Values and gradients agree to
-  float32 rounding
-  (``tests/test_fused_conv.py``); in bfloat16 both paths convolve in ``dtype``
-  and normalise with float32 statistics, and are as close to float32 as each
-  other (``tests/test_mixed_precision.py``).
+  the reference layers on one core and 1.7x on two (README, Performance).
+  Values and gradients agree to float32 rounding
+  (``tests/test_fused_conv.py``); in bfloat16 both paths convolve in
+  ``dtype`` and normalise with float32 statistics, and are as close to
+  float32 as each other (``tests/test_mixed_precision.py``).
 
   Attributes:
     channels: output channels of the first convolution.
@@ -181,17 +181,17 @@ class LeNetEncoder(Encoder):
         x = fused_conv.to_planar(x) if block_planar else (
             fused_conv.from_planar(x))
         planar = block_planar
-      x = self._fused_block(i, x, features, size, train, planar)
+      x = self._fused_block(i, x, in_features, features, size, train, planar)
     if planar:
       x = fused_conv.from_planar(x)
     return Encoding(pooled=x.mean(axis=(1, 2)), tokens=x)
 
-  def _fused_block(self, i: int, x: jax.Array, features: int, size: int,
-                   train: bool, planar: bool) -> jax.Array:
+  def _fused_block(self, i: int, x: jax.Array, in_features: int,
+                   features: int, size: int, train: bool,
+                   planar: bool) -> jax.Array:
     """Block ``i`` by ``fused_conv`` (on planar ``x`` if ``planar``), with
     the variables that ``nn.Conv`` and ``nn.BatchNorm`` would create (same
     names, initial values and updates)."""
-    in_features = x.shape[0] if planar else x.shape[-1]
     kernel = _ConvKernel(features, size, name=f"Conv_{i}")(in_features)
     # As nn.Conv(dtype=...) casts its input; fused_conv rounds the float32
     # kernel to the same dtype.
