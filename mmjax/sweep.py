@@ -35,7 +35,8 @@ each finished run with ``python -m mmjax.evaluate --robustness`` (runs whose
 the others' effective robustness) and adds a second table: relative
 robustness per noised modality and all, MultiBench's min-max normalisation
 of the latter over the table, effective robustness, and the accuracy
-without each modality (zeroed; see ``mmjax.robustness``).
+without each modality (zeroed; see ``mmjax.robustness``), and draws the
+accuracy-vs-noise curves of every group in ``WORKDIR/robustness.png``.
 """
 
 from __future__ import annotations
@@ -377,6 +378,54 @@ def robustness_report(variants: Sequence[Variant], workdir: str) -> str:
   return "\n".join(rows)
 
 
+def robustness_curves(variants: Sequence[Variant], workdir: str
+                      ) -> dict[str, dict[str, list[float]]]:
+  """``{noised target: {group: accuracy per noise level}}``, each group's
+  curve the mean over its runs' seeds evaluated with ``--robustness``; the
+  targets are the modalities and "all", in the order the runs list them."""
+  curves: dict[str, dict[str, list[list[float]]]] = {}
+  for variant in variants:
+    evaluation = _read_json(os.path.join(workdir, variant.name,
+                                         "evaluation.json"))
+    for run in evaluation.get("per_seed", []):
+      for target, curve in run.get("robustness", {}).get("noise", {}).items():
+        curves.setdefault(target, {}).setdefault(
+            variant.group_name, []).append(curve["accuracy"])
+  return {target: {group: [statistics.mean(a) for a in zip(*runs)]
+                   for group, runs in groups.items()}
+          for target, groups in curves.items()}
+
+
+def robustness_plot(variants: Sequence[Variant], workdir: str,
+                    path: str) -> None:
+  """Saves ``robustness_curves`` as one panel per noised target (accuracy vs
+  noise level, a line per group); variants whose name ends in ``_moddrop``
+  (trained with modality dropout) are dashed, in their base's colour."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  from mmjax import robustness  # pylint: disable=g-import-not-at-top
+  curves = robustness_curves(variants, workdir)
+  fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6),
+                           sharey=True, squeeze=False)
+  colours = {}
+  for ax, (target, groups) in zip(axes[0], curves.items()):
+    for group, accuracy in groups.items():
+      base = group.removesuffix("_moddrop")
+      colour = colours.setdefault(base, f"C{len(colours) % 10}")
+      ax.plot(robustness.LEVELS, accuracy, marker=".", color=colour,
+              linestyle="--" if base != group else "-", label=group)
+    ax.set_title(f"noise on {target}")
+    ax.set_xlabel("noise level")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("test accuracy")
+  axes[0][-1].legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def _noise_metric(target: str, metric: str,
                   runs: list[dict[str, Any]]) -> float | None:
   values = [r["noise"][target][metric] for r in runs
@@ -422,6 +471,9 @@ def main(argv):
     with open(os.path.join(_WORKDIR.value, "report.md"), "w") as f:
       f.write(table + "\n")
     plot(variants, _WORKDIR.value, os.path.join(_WORKDIR.value, "report.png"))
+    if _ROBUSTNESS.value:
+      robustness_plot(variants, _WORKDIR.value,
+                      os.path.join(_WORKDIR.value, "robustness.png"))
   if failed:
     sys.exit(f"Failed variants (see their .log files): {', '.join(failed)}.")
 

@@ -345,6 +345,21 @@ def test_the_sweep_tabulates_and_evaluates_robustness(tmp_path, monkeypatch):
                       "| 0.200 |")
   assert table[4] == "| image_only | 0.700 | | 0.700 | 0.667 | -0.200 | | |"
   assert len(table) == 5
+  # The curves: a group's mean per level, per noised target.
+  noise = runs["late_s1"][0]["noise"]
+  for target, accuracy in zip(list(noise), (0.7, 0.1, 0.3)):
+    noise[target] = {**noise[target], "accuracy": [accuracy] * 11}
+  (tmp_path / "late_s1" / "evaluation.json").write_text(json.dumps(
+      {"per_seed": [{"robustness": r} for r in runs["late_s1"]]}))
+  curves = sweep.robustness_curves(variants, str(tmp_path))
+  assert list(curves) == ["image", "question", "all"]
+  assert list(curves["all"]) == ["late", "film", "image_only"]
+  assert curves["image"]["late"] == pytest.approx([0.6] * 11)
+  assert curves["question"]["late"] == pytest.approx([0.3] * 11)
+  assert curves["all"]["film"] == [0.5] * 11
+  assert "image_only" not in curves["question"]
+  sweep.robustness_plot(variants, str(tmp_path), str(tmp_path / "r.png"))
+  assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   # Evaluation: finished networks only (not late_s1, not_run, svm), the
   # reference first; skipped where done (late_s0), again where done without
