@@ -382,7 +382,8 @@ def robustness_curves(variants: Sequence[Variant], workdir: str
                       ) -> dict[str, dict[str, list[float]]]:
   """``{noised target: {group: accuracy per noise level}}``, each group's
   curve the mean over its runs' seeds evaluated with ``--robustness``; the
-  targets are the modalities and "all", in the order the runs list them."""
+  targets are the modalities, in the order the runs list them, then
+  "all"."""
   curves: dict[str, dict[str, list[list[float]]]] = {}
   for variant in variants:
     evaluation = _read_json(os.path.join(workdir, variant.name,
@@ -392,8 +393,8 @@ def robustness_curves(variants: Sequence[Variant], workdir: str
         curves.setdefault(target, {}).setdefault(
             variant.group_name, []).append(curve["accuracy"])
   return {target: {group: [statistics.mean(a) for a in zip(*runs)]
-                   for group, runs in groups.items()}
-          for target, groups in curves.items()}
+                   for group, runs in curves[target].items()}
+          for target in sorted(curves, key=lambda t: t == "all")}
 
 
 def robustness_plot(variants: Sequence[Variant], workdir: str,
@@ -407,7 +408,7 @@ def robustness_plot(variants: Sequence[Variant], workdir: str,
 
   from mmjax import robustness  # pylint: disable=g-import-not-at-top
   curves = robustness_curves(variants, workdir)
-  fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6),
+  fig, axes = plt.subplots(1, len(curves), figsize=(4.8 * len(curves), 3.6),
                            sharey=True, squeeze=False)
   colours = {}
   for ax, (target, groups) in zip(axes[0], curves.items()):
@@ -420,8 +421,9 @@ def robustness_plot(variants: Sequence[Variant], workdir: str,
     ax.set_xlabel("noise level")
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("test accuracy")
-  axes[0][-1].legend(fontsize="small")
-  fig.tight_layout()
+  fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right",
+             fontsize="small")
+  fig.tight_layout(rect=(0, 0, 0.85, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
