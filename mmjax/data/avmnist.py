@@ -17,10 +17,14 @@ where it can and saying where it cannot:
   the variance) and reconstructs *without* adding the mean back:
   ``image = (x - mean) @ V_k.T @ V_k``. float16 (11-bit mantissa, error
   <= 0.13 px below 256) keeps more precision than the 8-bit source and halves
-  the size of float32; divide by 255 to get MultiBench's scale. A model sees
-  only the 4 PCA coefficients, which bounds image-only accuracy: kNN on them
-  scores 65% on test (77% with 5 components, 84% with 6); the config's
-  ``keep_variance`` sets the cut.
+  the size of float32; divide by 255 to get MultiBench's scale. The 4 PCA
+  coefficients bound image-only accuracy: kNN on them scores 65% on test
+  (77% with 5 components, 84% with 6); the config's ``keep_variance`` sets
+  the cut. Known flaw: the projector, rounded to multiples of 2**-16 in
+  ``fit_pca``, has numerical rank 637, so each image also holds a ~0.01 px
+  full-rank projection of the digit, which an SVM on per-pixel standardised
+  images reads (0.93 validation accuracy; docs/avmnist.md) and networks
+  with one global normalisation do not.
 * **audio** ``uint8 [112, 112, 1]``, axes ``[time, frequency, 1]``: a
   log-magnitude spectrogram of an FSDD clip of the same digit. Clips come
   from takes 0-39 for train and validation and takes 40-49 for test, so no
