@@ -336,9 +336,10 @@ def _read_json(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def robustness_report(variants: Sequence[Variant], workdir: str) -> str:
-  """A markdown table of each group's robustness (means over its runs'
-  seeds evaluated with it), for the groups with such runs."""
+def _robustness_by_group(variants: Sequence[Variant], workdir: str
+                         ) -> dict[str, list[dict[str, Any]]]:
+  """``{group: [the "robustness" of each of its runs' seeds]}`` from the
+  runs' ``evaluation.json``, for the groups with at least one."""
   groups: dict[str, list[dict[str, Any]]] = {}
   for variant in variants:
     evaluation = _read_json(os.path.join(workdir, variant.name,
@@ -346,7 +347,13 @@ def robustness_report(variants: Sequence[Variant], workdir: str) -> str:
     groups.setdefault(variant.group_name, []).extend(
         r["robustness"] for r in evaluation.get("per_seed", [])
         if "robustness" in r)
-  groups = {group: runs for group, runs in groups.items() if runs}
+  return {group: runs for group, runs in groups.items() if runs}
+
+
+def robustness_report(variants: Sequence[Variant], workdir: str) -> str:
+  """A markdown table of each group's robustness (means over its runs'
+  seeds evaluated with it), for the groups with such runs."""
+  groups = _robustness_by_group(variants, workdir)
   if not groups:
     return "No run has been evaluated with --robustness."
   modalities = list(dict.fromkeys(
@@ -385,13 +392,11 @@ def robustness_curves(variants: Sequence[Variant], workdir: str
   targets are the modalities, in the order the runs list them, then
   "all"."""
   curves: dict[str, dict[str, list[list[float]]]] = {}
-  for variant in variants:
-    evaluation = _read_json(os.path.join(workdir, variant.name,
-                                         "evaluation.json"))
-    for run in evaluation.get("per_seed", []):
-      for target, curve in run.get("robustness", {}).get("noise", {}).items():
-        curves.setdefault(target, {}).setdefault(
-            variant.group_name, []).append(curve["accuracy"])
+  for group, runs in _robustness_by_group(variants, workdir).items():
+    for run in runs:
+      for target, curve in run["noise"].items():
+        curves.setdefault(target, {}).setdefault(group, []).append(
+            curve["accuracy"])
   return {target: {group: [statistics.mean(a) for a in zip(*runs)]
                    for group, runs in curves[target].items()}
           for target in sorted(curves, key=lambda t: t == "all")}

@@ -346,10 +346,9 @@ def test_the_sweep_tabulates_and_evaluates_robustness(tmp_path, monkeypatch):
   assert table[4] == "| image_only | 0.700 | | 0.700 | 0.667 | -0.200 | | |"
   assert len(table) == 5
   # The curves: a group's mean per level, per noised target.
-  noise = runs["late_s1"][0]["noise"] = {
-      "all": runs["late_s1"][0]["noise"]["all"], "image": {}, "question": {}}
-  for target, accuracy in zip(("image", "question", "all"), (0.7, 0.1, 0.3)):
-    noise[target] = {**noise["all"], "accuracy": [accuracy] * 11}
+  runs["late_s1"][0]["noise"] = {  # "all" first: the curves put it last.
+      target: {"levels": LEVELS, "accuracy": [accuracy] * 11}
+      for target, accuracy in (("all", 0.3), ("image", 0.7), ("question", 0.1))}
   (tmp_path / "late_s1" / "evaluation.json").write_text(json.dumps(
       {"per_seed": [{"robustness": r} for r in runs["late_s1"]]}))
   curves = sweep.robustness_curves(variants, str(tmp_path))
