@@ -249,6 +249,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
+  parallel.use_cpu_devices(config.parallel.cpu_devices)
   if _BATCH_SIZE.value is not None:
     config.input.batch_size = _BATCH_SIZE.value
   experiment = config_flags.get_config_filename(flags.FLAGS["config"])

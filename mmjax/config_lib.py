@@ -31,7 +31,7 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every_steps",
                      "train.eval_every_steps", "train.seeds_program",
                      "checkpoint.", "eval.batch_size",
                      "input.num_threads", "input.prefetch_batches",
-                     "parallel.backend", "dataset.data_dir",
+                     "parallel.", "dataset.data_dir",
                      "dataset.manual_dir", "allow_config_change", "init_from")
 
 
@@ -40,7 +40,8 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every_steps",
 ADDED_SETTINGS = {"train.num_seeds": 1, "train.seeds_share_data": False,
                   "train.seeds_program": "auto", "model.dtype": "float32",
                   "model.modality_dropout": 0.0,
-                  "model.loss_weighting": "fixed"}
+                  "model.loss_weighting": "fixed",
+                  "parallel.cpu_devices": 0}
 
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -29,6 +29,7 @@ def main(argv):
   from mmjax import parallel  # pylint: disable=g-import-not-at-top
   from mmjax import svm  # pylint: disable=g-import-not-at-top
   from mmjax import train  # pylint: disable=g-import-not-at-top
+  parallel.use_cpu_devices(_CONFIG.value.parallel.cpu_devices)
   parallel.initialize_distributed()
   run = (svm.train_and_evaluate if "svm" in _CONFIG.value
          else train.train_and_evaluate)

@@ -67,3 +67,14 @@ def test_batch_not_divisible_by_devices_is_explained():
   dp = parallel.DataParallel("pmap")
   with pytest.raises(ValueError, match="divisible by 4"):
     dp.shard_batch({"x": np.zeros((6, 2))})
+
+
+def test_cpu_devices_after_jax_started_must_match_them():
+  jax.devices()  # The backends run four devices (conftest.py).
+  parallel.use_cpu_devices(0)  # JAX's default: nothing to change.
+  parallel.use_cpu_devices(4)  # What runs already.
+  with pytest.raises(RuntimeError, match="already started 4 CPU device"):
+    parallel.use_cpu_devices(2)
+  with pytest.raises(ValueError, match="cpu_devices=-1"):
+    parallel.use_cpu_devices(-1)
+  assert jax.device_count() == 4

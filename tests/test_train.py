@@ -86,6 +86,21 @@ def _wait_for_checkpoint_then_kill(process, workdir, min_step):
 
 
 @pytest.mark.slow
+def test_cpu_devices_splits_the_host_and_the_run_resumes_on_others(tmp_path,
+                                                                  data_dir):
+  workdir = tmp_path / "run"
+  first = e2e.run(e2e.command(workdir, data_dir, "--config.train.steps=10",
+                              "--config.checkpoint.every_steps=10",
+                              "--config.parallel.cpu_devices=2"))
+  assert "on 2 device(s)" in first.stdout  # Not the environment's four.
+  resumed = e2e.run(e2e.command(workdir, data_dir, "--config.train.steps=20",
+                                "--config.checkpoint.every_steps=10"))
+  assert "Resuming from checkpoint at step 10." in resumed.stdout
+  assert "on 4 device(s)" in resumed.stdout
+  assert (workdir / "results.json").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pmap", "shard_map"])
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, data_dir,
                                                         backend):
