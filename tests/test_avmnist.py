@@ -26,11 +26,11 @@ pytestmark = pytest.mark.skipif(
 SMALL = {"train": 64, "validation": 16, "test": 32}
 DEFAULT = av.Avmnist.BUILDER_CONFIGS[0]
 # checksum() of the first 200 examples of each split of the default config.
-FIRST_200 = {
-    "train": "e6072de97457a7cda16f5486ad642780728939541e242a5c083b89a1dde0bd23",
+FIRST_200 = {  # Dataset version 1.1.0.
+    "train": "3c82e25a0c80550684a3971df01a95db7bbb466219ac6a83f46186219a9c2803",
     "validation":
-        "05356748ccacfc05610f323a9c20ef8ac0c35b6a6eadfd4ee2ef063e43e7ace6",
-    "test": "b0057877497135c2f503eabe7366695b0fcd8fedfd549c28040db7c4507528de",
+        "1b180bf16d1979e0eea8caa6a7ed9c082fa0e9d9acd74f855b9f9c96d6f56bd3",
+    "test": "8bb875526e203ecf85b043f26870486d56cf0678682897567a17e76e44aff6e2",
 }
 
 
@@ -108,6 +108,13 @@ def test_pca_keeps_the_25_percent_components_and_removes_75_percent_energy():
   assert abs(kept - cumulative[k - 1]) < 0.01, kept  # ~72% removed.
   exact = centred @ pca.components.T @ pca.components
   assert np.abs(images - exact).max() < 0.25  # float16 and the 2**-16 grid.
+  # Before float16, the images are exactly rank k: nothing of the digit but
+  # its k coefficients (version 1.0.0's had numerical rank 637).
+  images_64 = av.pca_images(pca, x[:2000], np.float64).reshape(2000, -1)
+  singular_values = np.linalg.svd(images_64, compute_uv=False)
+  assert singular_values[k] < 1e-9 * singular_values[0], singular_values[:6]
+  np.testing.assert_array_equal(
+      images_64.astype(np.float16), images[:2000].astype(np.float16))
 
 
 def test_spectrogram_of_a_sine_peaks_at_its_bin_and_level():
@@ -184,7 +191,8 @@ def test_pipeline_says_what_to_download_then_builds(tmp_path, monkeypatch):
   monkeypatch.setattr(av.Avmnist, "SPLIT_SIZES",
                       {"train": 4, "validation": 2, "test": 2})
   builder = pipeline.ensure_prepared(_dataset_config(tmp_path, RAW))
-  assert builder.info.full_name == f"avmnist/{DEFAULT.name}/1.0.0"
+  assert builder.info.full_name == (
+      f"avmnist/{DEFAULT.name}/{av.Avmnist.VERSION}")
   assert builder.info.splits["test"].num_examples == 2
 
 

@@ -20,11 +20,10 @@ where it can and saying where it cannot:
   the size of float32; divide by 255 to get MultiBench's scale. The 4 PCA
   coefficients bound image-only accuracy: kNN on them scores 65% on test
   (77% with 5 components, 84% with 6); the config's ``keep_variance`` sets
-  the cut. Known flaw: the projector, rounded to multiples of 2**-16 in
-  ``fit_pca``, has numerical rank 637, so each image also holds a ~0.01 px
-  full-rank projection of the digit, which an SVM on per-pixel standardised
-  images reads (0.93 validation accuracy; docs/avmnist.md) and networks
-  with one global normalisation do not.
+  the cut. Each image is a function of its k coefficients alone (version
+  1.1.0; in 1.0.0 a rounded projector of numerical rank 637 let each image
+  hold a ~0.01 px full-rank trace of the digit, which an SVM on per-pixel
+  standardised images read: docs/avmnist.md).
 * **audio** ``uint8 [112, 112, 1]``, axes ``[time, frequency, 1]``: a
   log-magnitude spectrogram of an FSDD clip of the same digit. Clips come
   from takes 0-39 for train and validation and takes 40-49 for test, so no
@@ -113,40 +112,40 @@ AUDIO_SHAPE = (NUM_FRAMES, N_FFT // 2 + 1, 1)
 DTYPES = {"image": np.float16, "audio": np.uint8, "label": np.int64}
 
 # ``full_checksums``: sha256 (``checksum``) of every example of each split of
-# a full build, made with numpy 2.4.6 on x86-64. Rerun it after changing the
-# configs or the recipe.
+# a full build (dataset version 1.1.0), made with numpy 2.4.6 on x86-64.
+# Rerun it after changing the configs or the recipe.
 FULL_CHECKSUMS: dict[str, dict[str, str]] = {
     "snr_m10db": {
         "train":
-            "8ae0a1f50a4a1b2359bb25217adbeadec42054bb02a2bd19d6fafce8c821d19b",
+            "f6a316f14945672b0d80a86ccdf441bf9eed502c0bb29f5f851eb120b4069002",
         "validation":
-            "212740a538e9b9e55fe24d3a426921e6717ba9236a5990cc9f5346958f3570a5",
+            "780dbd24e9bbf77affca335e9318b47b41b504e595a6f3684dedfbc0504441c0",
         "test":
-            "ba8f9ef10ed89726653e81de93408af22c45dbc549706d53466221089025c100",
+            "4707dc3d3c40f1d8c292773b39089d80874f651def9cab19825fd807e1ca984a",
     },
     "snr_0db": {
         "train":
-            "67312e8a7fd354046c99558924c1c2017129859eb40a3972cf53bc678ec04d57",
+            "6c4b01ed09cc05d66cb4b231fc9bf7708dba6085a8a1d9c3433f632181676de3",
         "validation":
-            "e1dd36ca2cb226343aafe634321a8dbe8a7d8416ae211f32d038e28b14d5f521",
+            "a7b65c46dc9c6b39a0b08ba5cec2d32bcbb71d54bc5b6a81a0196ae20e1348f9",
         "test":
-            "23e3e7758898cd66da9a952d8f9c60f0ffee8114aba656aa8c3c0c64ebc2e452",
+            "907a03ba27c6da8da9de08fdb48af6dc26b85a8ba2f5baae7b5cd620314f827e",
     },
     "snr_inf": {
         "train":
-            "465d048b3b584f3875fd0d82f045831efecbc23f115273c4dce7e85ead1a3c02",
+            "3331df50572048dbb76e1c34e4534db3ab61896c43fbd14db1f9c44438d29eb6",
         "validation":
-            "5abbf87414f7d4a0b97f2c57c3a90a58fde2ae26fe753573926dd69c461fb816",
+            "6b4672e5209ceb07536a78f35669b673b9fb0b11dc2bdb7096e41891ae4a8654",
         "test":
-            "ddf5a5107847a678399b3988626b78eefebd4526878f72f67b3a33608d93ac67",
+            "c5352a0a0fd518f0a54a0b1d6eb7258ad26872237681865c6f2a42a04e0d8dd4",
     },
     "snr_10db": {
         "train":
-            "ce23559f40b13812acf903738667281b0d6f580b4cb9a45b5fd6007c6a876b97",
+            "6a9f2dbe977bbe6d2e73b63db614e2a242e62853669204ae1c6ebe39ecad356c",
         "validation":
-            "6f431388875f9020310899ead69d21af937a833e259d85b56a171642c7615940",
+            "daeadd46fdae84f9c23e7f34a9936c328140d78e812c3b58ab2b1c6013623c29",
         "test":
-            "e97c4735bea1d6101d9ca10e468022c59b09769694cfd34009db2f0dceebecb3",
+            "05071b19259afad57f871e02199fee7356278692b1eb122bc34190848378ba26",
     },
 }
 
@@ -178,7 +177,7 @@ class Pca(NamedTuple):
   count: int  # images fit
   components: np.ndarray  # float64 [k, 784], largest entry of each positive
   explained_variance_ratio: np.ndarray  # float64 [784], descending
-  projector_q: np.ndarray  # float64 [784, 784] integers, V_k.T V_k * 2**16
+  components_q: np.ndarray  # float64 [k, 784] integers, components * 2**16
 
 
 @functools.cache
@@ -217,12 +216,11 @@ def fit_pca(x_uint8: np.ndarray, keep_variance: float = KEEP_VARIANCE) -> Pca:
   """PCA of ``uint8 [n, 28, 28]`` images, made to agree across machines.
 
   The Gram matrix of the uint8 pixels is exact in float64 whatever the BLAS,
-  so the covariance is exact up to elementwise rounding. The projector onto
-  the kept components is rounded to multiples of 2**-16, which hides the last
+  so the covariance is exact up to elementwise rounding. The kept components
+  are rounded to multiples of 2**-16 (``components_q``), which hides the last
   bits in which two LAPACKs may differ (unless an entry lies within ~1e-12 of
-  a rounding boundary); applying it (``pca_images``) is then exact integer
-  arithmetic in float64. Eigenvector signs are fixed (largest entry
-  positive), though the projector does not depend on them.
+  a rounding boundary); ``pca_images`` then computes in exact integer
+  arithmetic. Eigenvector signs are fixed (largest entry positive).
   """
   x = x_uint8.reshape(len(x_uint8), -1).astype(np.float64)
   n = len(x)
@@ -235,20 +233,25 @@ def fit_pca(x_uint8: np.ndarray, keep_variance: float = KEEP_VARIANCE) -> Pca:
   components = vectors[:, :k].T
   largest = np.argmax(np.abs(components), axis=1)
   components *= np.sign(components[np.arange(k), largest])[:, None]
-  projector_q = np.rint(components.T @ components * 2.0**16)
-  return Pca(total, n, components, ratio, projector_q)
+  return Pca(total, n, components, ratio, np.rint(components * 2.0**16))
 
 
-def pca_images(pca: Pca, x_uint8: np.ndarray) -> np.ndarray:
-  """``uint8 [n, 28, 28]`` -> ``float16 [n, 28, 28, 1]`` ``(x - mean) @ P``.
+def pca_images(pca: Pca, x_uint8: np.ndarray,
+               dtype: np.dtype = np.float16) -> np.ndarray:
+  """``uint8 [n, 28, 28]`` -> ``dtype [n, 28, 28, 1]``, ``(x - mean) @
+  V.T @ V`` with ``V = components_q / 2**16``: in float64, exactly rank k.
 
-  Pixel units (0-255). Every product and partial sum is an integer below
-  2**53, so the matmuls are exact in any order.
+  Pixel units (0-255). The centred coefficients are rounded to integers (in
+  units of 2**-16 px); every other product and partial sum is an integer
+  below 2**53, so the result does not depend on the summation order.
   """
   x = x_uint8.reshape(len(x_uint8), -1).astype(np.float64)
-  mean_q = pca.pixel_sum @ pca.projector_q / pca.count
-  out = (x @ pca.projector_q - mean_q) / 2.0**16
-  return out.astype(np.float16).reshape(len(x), *IMAGE_SHAPE)
+  v_q = pca.components_q
+  # n * (x - mean) @ V.T * 2**16, exact; then one correctly rounded division.
+  coefficients = np.rint((pca.count * (x @ v_q.T) - pca.pixel_sum @ v_q.T)
+                         / pca.count)
+  out = coefficients @ v_q / 2.0**32
+  return out.astype(dtype).reshape(len(x), *IMAGE_SHAPE)
 
 
 # Audio.
@@ -383,8 +386,13 @@ def full_checksums(manual_dir: str, config_name: str) -> dict[str, str]:
 class Avmnist(tfds.core.GeneratorBasedBuilder):
   """The ``avmnist`` dataset; override ``SPLIT_SIZES`` for a smaller build."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "Images of exactly rank 4: 1.0.0's rounded projector (rank "
+               "637) let each image carry a faint full-rank trace of its "
+               "digit.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = sources.MANUAL_DOWNLOAD_INSTRUCTIONS
   # Provisional SNRs, to be calibrated so that image-only and audio-only
   # models score as in MultiBench. The first config is the default.
