@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import types
 from typing import Any
 
 import ml_collections
@@ -142,9 +143,19 @@ def sibling_experiment(this_file: str, name: str,
   """``get_config(arg)`` of experiment file ``name`` in the directory of
   ``this_file``: for an experiment that extends another, e.g.
   ``sibling_experiment(__file__, "mm_shapes.py", "fusion=film")``."""
+  return sibling_file(this_file, name).get_config(arg)
+
+
+def sibling_file(this_file: str, name: str) -> types.ModuleType:
+  """The Python file ``name`` in the directory of ``this_file``, imported
+  (experiment and ablation files are files, not packages)."""
   path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
-  spec = importlib.util.spec_from_file_location(
-      f"mmjax_experiment_{name.removesuffix('.py')}", path)
+  return import_file(path, f"mmjax_file_{name.removesuffix('.py')}")
+
+
+def import_file(path: str, module_name: str) -> types.ModuleType:
+  """Imports the Python file at ``path`` as a module named ``module_name``."""
+  spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module

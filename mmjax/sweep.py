@@ -27,6 +27,10 @@ run after a pre-training one), and ``{workdir}`` in an override's value is
 the sweep's workdir, so a later variant can start from an earlier one's run:
 ``overrides={"init_from": "{workdir}/clip_seed0"}`` (variants run in order).
 
+Settings of the machine rather than of the ablation go on the command line
+and are added to every variant: ``--override=parallel.cpu_devices=2``
+(repeat the flag for several).
+
 The table is printed and written to ``WORKDIR/report.md``, with a bar chart
 of the accuracies in ``WORKDIR/report.png``. ``--robustness`` also evaluates
 each finished run with ``python -m mmjax.evaluate --robustness`` (runs whose
@@ -43,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import shlex
@@ -56,6 +59,8 @@ from typing import Any, Sequence
 from absl import app
 from absl import flags
 
+from mmjax import config_common
+
 _SWEEP = flags.DEFINE_string("sweep", None, "Ablation file.", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent of the variants' "
                                "workdirs.", required=True)
@@ -64,6 +69,10 @@ _REPORT = flags.DEFINE_bool("report", False, "Only print the table.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
 _ROBUSTNESS = flags.DEFINE_bool("robustness", False, "Also evaluate the "
                                 "finished runs' robustness and tabulate it.")
+_OVERRIDE = flags.DEFINE_multi_string(
+    "override", [], "key=value added to every variant's config overrides: "
+    "settings of this machine rather than of the ablation, e.g. "
+    "--override=parallel.cpu_devices=2 (repeat the flag for several).")
 _ROBUSTNESS_REFERENCE = flags.DEFINE_string(
     "robustness_reference", None, "The variant whose noise curves are the "
     "reference of effective robustness (MultiBench: late fusion).")
@@ -97,13 +106,26 @@ class Variant:
     return int(dict(self.overrides).get("train.num_seeds", 1))
 
 
+def with_overrides(variants: Sequence[Variant],
+                   settings: Sequence[str]) -> list[Variant]:
+  """``variants`` with each ``"key=value"`` of ``settings`` appended to their
+  overrides (after the ablation's own, so it wins)."""
+  pairs = []
+  for setting in settings:
+    key, sep, value = setting.partition("=")
+    if not sep or not key:
+      raise app.UsageError(f"--override={setting!r}: use key=value, e.g. "
+                           "--override=parallel.cpu_devices=2.")
+    pairs.append((key, value))
+  return [dataclasses.replace(v, overrides=v.overrides + tuple(pairs))
+          for v in variants]
+
+
 def load_sweep(path: str) -> tuple[str, list[Variant]]:
   """Reads an ablation file -> (experiment file, variants)."""
-  spec = importlib.util.spec_from_file_location("mmjax_sweep_file", path)
-  if spec is None or not os.path.exists(path):
+  if not os.path.isfile(path):
     raise ValueError(f"No ablation file at {path!r}.")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_common.import_file(path, "mmjax_sweep_file")
   variants = [Variant(name=v["name"], arg=v.get("arg", ""),
                       overrides=tuple(v.get("overrides", {}).items()),
                       group=v.get("group", ""), config=v.get("config", ""))
@@ -461,6 +483,7 @@ def main(argv):
       raise app.UsageError(f"--only names unknown variants {unknown}; valid: "
                            f"{', '.join(v.name for v in variants)}.")
     variants = [v for v in variants if v.name in _ONLY.value]
+  variants = with_overrides(variants, _OVERRIDE.value)
   reference = _ROBUSTNESS_REFERENCE.value
   if reference and reference not in {v.name for v in variants}:
     raise app.UsageError(f"--robustness_reference={reference} is not a "

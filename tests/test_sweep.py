@@ -305,10 +305,17 @@ def test_dry_run_lists_the_commands_and_runs_nothing(tiny_sweep, capsys):
   assert "| image | not run | 0/2 | | | |" in out
 
   _main(f"--sweep={path}", f"--workdir={workdir}", "--dry_run",
-        "--only=image_seed1")
+        "--only=image_seed1", "--override=parallel.cpu_devices=2",
+        "--override=input.num_threads=1")
   out = capsys.readouterr().out
   assert "[1/1] image_seed1: " in out and "broken" not in out
+  line, = [l for l in out.splitlines() if l.startswith("[1/1]")]
+  assert line.endswith(" --config.parallel.cpu_devices=2 "
+                       "--config.input.num_threads=1")
   assert ran == []
+  with pytest.raises(app.UsageError, match="use key=value"):
+    _main(f"--sweep={path}", f"--workdir={workdir}", "--dry_run",
+          "--override=parallel.cpu_devices")
   with pytest.raises(app.UsageError,
                      match=r"unknown variants \['imag'\]; valid: broken, "):
     _main(f"--sweep={path}", f"--workdir={workdir}", "--only=imag")

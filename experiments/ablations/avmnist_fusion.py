@@ -52,12 +52,19 @@ OVERRIDES = {"dataset.manual_dir": "../shared/data/avmnist_raw"}
 
 
 def get_sweep() -> list[dict]:
-  networks = [dict(name=name, arg=f"{arg},seed={SEEDS[0]},epochs={EPOCHS}",
-                   overrides={**OVERRIDES, "train.num_seeds": len(SEEDS)})
+  return variants(EPOCHS)
+
+
+def variants(epochs: int, overrides: dict | None = None) -> list[dict]:
+  """The variants at a budget of ``epochs``, the networks' ``overrides``
+  added to ``OVERRIDES``."""
+  overrides = {**OVERRIDES, "train.num_seeds": len(SEEDS), **(overrides or {})}
+  networks = [dict(name=name, arg=f"{arg},seed={SEEDS[0]},epochs={epochs}",
+                   overrides=overrides)
               for name, arg in EXPERIMENTS.items()]
   networks += [dict(name=f"{name}_moddrop",
-                    arg=f"{EXPERIMENTS[name]},seed={SEEDS[0]},epochs={EPOCHS}",
-                    overrides={**OVERRIDES, "train.num_seeds": len(SEEDS),
+                    arg=f"{EXPERIMENTS[name]},seed={SEEDS[0]},epochs={epochs}",
+                    overrides={**overrides,
                                "model.modality_dropout": MODALITY_DROPOUT})
                for name in MODDROP]
   # The classical baseline (mmjax/svm.py): one run per seed, which draws its

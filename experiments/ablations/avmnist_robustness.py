@@ -13,14 +13,9 @@ with one modality missing or noised, and tabulate with:
       --robustness --robustness_reference=late_fusion
 """
 
-import importlib.util
-import os
+from mmjax import config_common
 
-_spec = importlib.util.spec_from_file_location(
-    "avmnist_fusion", os.path.join(os.path.dirname(__file__),
-                                   "avmnist_fusion.py"))
-avmnist_fusion = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(avmnist_fusion)
+avmnist_fusion = config_common.sibling_file(__file__, "avmnist_fusion.py")
 
 CONFIG = avmnist_fusion.CONFIG
 NAMES = avmnist_fusion.MODDROP + tuple(
