@@ -25,13 +25,6 @@ pytestmark = pytest.mark.skipif(
     not RAW.is_dir(), reason=f"AV-MNIST raw data not found at {RAW}")
 SMALL = {"train": 64, "validation": 16, "test": 32}
 DEFAULT = av.Avmnist.BUILDER_CONFIGS[0]
-# checksum() of the first 200 examples of each split of the default config.
-FIRST_200 = {  # Dataset version 1.1.0.
-    "train": "3c82e25a0c80550684a3971df01a95db7bbb466219ac6a83f46186219a9c2803",
-    "validation":
-        "1b180bf16d1979e0eea8caa6a7ed9c082fa0e9d9acd74f855b9f9c96d6f56bd3",
-    "test": "8bb875526e203ecf85b043f26870486d56cf0678682897567a17e76e44aff6e2",
-}
 
 
 class TinyAvmnist(av.Avmnist):
@@ -150,7 +143,7 @@ def test_configs_change_only_what_they_set():
 
 
 def test_first_examples_match_the_recorded_checksums():
-  for split, digest in FIRST_200.items():
+  for split, digest in av.FIRST_200_CHECKSUMS.items():
     examples = generated(split, 200)
     assert av.checksum(examples) == digest, split
     assert av.checksum(generated(split, 50, batch=7)) == av.checksum(

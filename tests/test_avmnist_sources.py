@@ -247,20 +247,10 @@ def test_bad_files_are_named(tmp_path, write, load, message):
     load(str(tmp_path))
 
 
-# checksum() of the first 200 examples of each split of the default config as
-# the shared archives build them (tests/test_avmnist.py, FIRST_200).
-FIRST_200 = {
-    "train": "e6072de97457a7cda16f5486ad642780728939541e242a5c083b89a1dde0bd23",
-    "validation":
-        "05356748ccacfc05610f323a9c20ef8ac0c35b6a6eadfd4ee2ef063e43e7ace6",
-    "test": "b0057877497135c2f503eabe7366695b0fcd8fedfd549c28040db7c4507528de",
-}
-
-
 class DownloadedAvmnist(av.Avmnist):
   """``avmnist`` with 200 examples a split, registered under its own name."""
   name = "downloaded_avmnist"
-  SPLIT_SIZES = {split: 200 for split in FIRST_200}
+  SPLIT_SIZES = {split: 200 for split in av.FIRST_200_CHECKSUMS}
 
 
 def write_full_downloads(folder):
@@ -287,7 +277,7 @@ def test_the_downloads_build_the_examples_the_archives_build(tmp_path):
   DownloadedAvmnist(data_dir=tmp_path / "tfds").download_and_prepare(
       file_format="array_record",
       download_config=tfds.download.DownloadConfig(manual_dir=str(downloads)))
-  for split, digest in FIRST_200.items():
+  for split, digest in av.FIRST_200_CHECKSUMS.items():
     assert av.checksum(tfds.data_source(
         "downloaded_avmnist", data_dir=tmp_path / "tfds", split=split)) == (
             digest), split
