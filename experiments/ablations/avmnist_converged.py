@@ -22,13 +22,19 @@ repository::
       --override=parallel.cpu_devices=2
 """
 
+import os
+
 from mmjax import config_common
 
 avmnist_fusion = config_common.sibling_file(__file__, "avmnist_fusion.py")
+avmnist = config_common.import_file(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                 "avmnist.py"), "mmjax_file_avmnist")
 
 CONFIG = avmnist_fusion.CONFIG
 EPOCHS = 20
-EPOCH_STEPS = 55_000 // 40  # Every recipe trains at batch 40.
+# Steps in an epoch: every variant trains at the experiment's batch size.
+EPOCH_STEPS = avmnist.TRAIN_EXAMPLES // avmnist.get_config().input.batch_size
 
 
 def get_sweep() -> list[dict]:
