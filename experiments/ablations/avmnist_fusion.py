@@ -55,20 +55,28 @@ def get_sweep() -> list[dict]:
   return variants(EPOCHS)
 
 
-def variants(epochs: int, overrides: dict | None = None) -> list[dict]:
+def variants(epochs: int, overrides: dict | None = None,
+             moddrop: bool = True) -> list[dict]:
   """The variants at a budget of ``epochs``, the networks' ``overrides``
-  added to ``OVERRIDES``."""
-  overrides = {**OVERRIDES, "train.num_seeds": len(SEEDS), **(overrides or {})}
-  networks = [dict(name=name, arg=f"{arg},seed={SEEDS[0]},epochs={epochs}",
-                   overrides=overrides)
-              for name, arg in EXPERIMENTS.items()]
-  networks += [dict(name=f"{name}_moddrop",
-                    arg=f"{EXPERIMENTS[name]},seed={SEEDS[0]},epochs={epochs}",
-                    overrides={**overrides,
-                               "model.modality_dropout": MODALITY_DROPOUT})
-               for name in MODDROP]
+  added to ``OVERRIDES``; without the ``*_moddrop`` runs unless ``moddrop``."""
+  overrides = overrides or {}
+  networks = [network(name, epochs, overrides) for name in EXPERIMENTS]
+  networks += [dict(network(name, epochs,
+                            {**overrides,
+                             "model.modality_dropout": MODALITY_DROPOUT}),
+                    name=f"{name}_moddrop")
+               for name in (MODDROP if moddrop else ())]
   # The classical baseline (mmjax/svm.py): one run per seed, which draws its
   # 10,000 train examples; the group reports them together.
   svms = [dict(name=f"svm_seed{seed}", group="svm", arg=f"svm,seed={seed}",
                overrides=OVERRIDES) for seed in SEEDS]
   return networks + svms
+
+
+def network(name: str, epochs: int, overrides: dict | None = None) -> dict:
+  """The variant ``name`` of ``EXPERIMENTS`` trained for ``epochs``, its
+  ``SEEDS`` as one program, with ``overrides`` added to ``OVERRIDES``."""
+  return dict(name=name,
+              arg=f"{EXPERIMENTS[name]},seed={SEEDS[0]},epochs={epochs}",
+              overrides={**OVERRIDES, "train.num_seeds": len(SEEDS),
+                         **(overrides or {})})
