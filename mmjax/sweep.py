@@ -21,6 +21,7 @@ of its group::
     python -m mmjax.sweep --sweep=experiments/ablations/mm_shapes_fusion.py \
         --workdir=/tmp/mmjax/ablations/mm_shapes_fusion
     python -m mmjax.sweep --sweep=... --workdir=... --report   # table only
+    python -m mmjax.sweep ... --report --at_best   # at the best validation
 
 A variant may name its own experiment file (``config=``, e.g. a fine-tuning
 run after a pre-training one), and ``{workdir}`` in an override's value is
@@ -73,6 +74,10 @@ _OVERRIDE = flags.DEFINE_multi_string(
     "override", [], "key=value added to every variant's config overrides: "
     "settings of this machine rather than of the ablation, e.g. "
     "--override=parallel.cpu_devices=2 (repeat the flag for several).")
+_AT_BEST = flags.DEFINE_bool(
+    "at_best", False, "Tabulate each run's metrics at its best step (by "
+    "its checkpoint.keep_best, e.g. the validation accuracy; MultiBench's "
+    "way) instead of its last step's.")
 _ROBUSTNESS_REFERENCE = flags.DEFINE_string(
     "robustness_reference", None, "The variant whose noise curves are the "
     "reference of effective robustness (MultiBench: late fusion).")
@@ -209,27 +214,32 @@ def grouped_results(variants: Sequence[Variant], workdir: str
 
 
 def report(variants: Sequence[Variant], workdir: str,
-           split: str = "test") -> str:
+           split: str = "test", at_best: bool = False) -> str:
   """A markdown table: one row per group, in sweep order, with each group's
-  cost (``mmjax.complexity``): FLOPs per example to train and to infer,
+  accuracy on ``split`` (mean ± std, and each run's), then its cost
+  (``mmjax.complexity``): FLOPs per example to train and to infer,
   compile seconds of both steps, XLA's memory peak of the train step, steady
   examples/s and training time (means over the group's runs). When runs have
   several heads, a column per head's metric follows (``accuracy/<head>``,
-  ``mae/<head>``: ``task_metrics``), empty for runs without that head."""
+  ``mae/<head>``: ``task_metrics``), empty for runs without that head.
+  ``at_best``: every metric at the run's best step (``split_metrics``)."""
   groups = grouped_results(variants, workdir)
   tasks = task_metrics(groups, split)
-  rows = [f"| variant | {split} accuracy | runs | parameters | train FLOPs/ex "
-          "| inference FLOPs/ex | compile s | step memory | examples/s | "
-          "train time |" + "".join(f" {split} {name} |" for name in tasks),
-          "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
+  where = " at the best step" if at_best else ""
+  rows = [f"| variant | {split} accuracy{where} | per run | runs | parameters "
+          "| train FLOPs/ex | inference FLOPs/ex | compile s | step memory | "
+          "examples/s | train time |" +
+          "".join(f" {split} {name} |" for name in tasks),
+          "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
   for group, results in groups.items():
     done = [r for r in results if r is not None]
     if not done:
-      rows.append(f"| {group} | not run | 0/{len(results)} |" +
+      rows.append(f"| {group} | not run | | 0/{len(results)} |" +
                   " |" * (7 + len(tasks)))
       continue
-    mean_and_spread = lambda name: _mean_and_spread(
-        [r[split][name] for r in done if name in r[split]])
+    metrics = [split_metrics(r, split, at_best) for r in done]
+    values = lambda name: [m[name] for m in metrics if name in m]
+    mean_and_spread = lambda name: _mean_and_spread(values(name))
     costs = [r.get("complexity", {}) for r in done]
     cost = lambda key: _mean_of([c.get(key) for c in costs])
     compile_seconds = _mean_of([
@@ -239,6 +249,7 @@ def report(variants: Sequence[Variant], workdir: str,
     minutes = statistics.mean(r["train_seconds"] for r in done) / 60
     rows.append(
         f"| {group} | {mean_and_spread('accuracy')} "
+        f"| {', '.join(f'{v:.3f}' for v in values('accuracy'))} "
         f"| {len(done)}/{len(results)} "
         f"| {done[0]['num_params']:,} "
         f"| {_scaled(cost('train_flops_per_example'))} "
@@ -249,6 +260,18 @@ def report(variants: Sequence[Variant], workdir: str,
         "".join(f" {cell} |" if cell else " |"
                 for cell in map(mean_and_spread, tasks)))
   return "\n".join(rows)
+
+
+def split_metrics(results: dict[str, Any], split: str,
+                  at_best: bool = False) -> dict[str, float]:
+  """A run's metrics on ``split``: at its last step, or, with ``at_best``,
+  at its best step (``results["best"]``: the evaluation that was best by
+  ``checkpoint.keep_best``, e.g. the validation accuracy, as MultiBench
+  reports). Runs that keep no best (``keep_best`` unset, the SVM baseline)
+  give their last step's."""
+  if at_best and "best" in results:
+    return results["best"][split]
+  return results[split]
 
 
 def task_metrics(groups: dict[str, list[dict[str, Any] | None]],
@@ -293,15 +316,17 @@ def _scaled(value: float | None, spec: str = ".3g",
 
 
 def plot(variants: Sequence[Variant], workdir: str, path: str,
-         split: str = "test") -> None:
+         split: str = "test", at_best: bool = False) -> None:
   """Saves a bar chart of each finished group's accuracy (mean, with the
-  standard deviation over its runs as an error bar, and each run as a dot)."""
+  standard deviation over its runs as an error bar, and each run as a dot;
+  ``at_best`` as ``report``'s)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  groups = {group: [r[split]["accuracy"] for r in results
-                    if r is not None and "accuracy" in r[split]]
+  groups = {group: [m["accuracy"] for m in
+                    (split_metrics(r, split, at_best) for r in results
+                     if r is not None) if "accuracy" in m]
             for group, results in grouped_results(variants, workdir).items()}
   groups = {group: acc for group, acc in groups.items() if acc}
   fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(groups) + 1.5), 3.5))
@@ -311,7 +336,7 @@ def plot(variants: Sequence[Variant], workdir: str, path: str,
            alpha=0.6, capsize=3)
     ax.plot([i] * len(accuracy), accuracy, "k.", markersize=4)
   ax.set_xticks(range(len(groups)), list(groups), rotation=45, ha="right")
-  ax.set_ylabel(f"{split} accuracy")
+  ax.set_ylabel(f"{split} accuracy" + (" at the best step" if at_best else ""))
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -492,7 +517,7 @@ def main(argv):
   failed = []
   if not _REPORT.value:
     failed = run_sweep(config_path, variants, _WORKDIR.value, _DRY_RUN.value)
-  table = report(variants, _WORKDIR.value)
+  table = report(variants, _WORKDIR.value, at_best=_AT_BEST.value)
   if _ROBUSTNESS.value and not _DRY_RUN.value:
     failed += evaluate_robustness(variants, _WORKDIR.value, reference)
     table += "\n\n" + robustness_report(variants, _WORKDIR.value)
@@ -500,7 +525,8 @@ def main(argv):
   if not _DRY_RUN.value:
     with open(os.path.join(_WORKDIR.value, "report.md"), "w") as f:
       f.write(table + "\n")
-    plot(variants, _WORKDIR.value, os.path.join(_WORKDIR.value, "report.png"))
+    plot(variants, _WORKDIR.value, os.path.join(_WORKDIR.value, "report.png"),
+         at_best=_AT_BEST.value)
     if _ROBUSTNESS.value:
       robustness_plot(variants, _WORKDIR.value,
                       os.path.join(_WORKDIR.value, "robustness.png"))

@@ -322,8 +322,8 @@ def test_the_sweep_report_adds_a_column_per_task(tmp_path):
   table = sweep.report(variants, str(tmp_path)).splitlines()
   assert table[0].endswith("| train time | test accuracy/answer | "
                            "test mae/count |")
-  assert table[1].count("---") == 12
-  assert table[2] == ("| single | 0.500 | 1/1 | 10 | – | – | – | – | 100 "
-                      "| 1.0 min | | |")
-  assert table[3].startswith("| multi | 0.700 ± 0.141 | 2/2 |")
+  assert table[1].count("---") == 13
+  assert table[2] == ("| single | 0.500 | 0.500 | 1/1 | 10 | – | – | – | – "
+                      "| 100 | 1.0 min | | |")
+  assert table[3].startswith("| multi | 0.700 ± 0.141 | 0.600, 0.800 | 2/2 |")
   assert table[3].endswith("| 0.700 ± 0.141 | 0.500 ± 0.354 |")

@@ -119,9 +119,10 @@ def test_command_and_report(tmp_path):
             train_compile_seconds=10.0, eval_compile_seconds=3.0,
             train_step_peak_bytes=3 * 2**20, peak_memory_bytes=None))))
   table = sweep.report(variants, str(tmp_path)).splitlines()
-  assert table[2] == ("| a | 0.600 ± 0.141 | 2/2 | 1,234 | 3.1M | 1.1M | 13 "
-                      "| 3 MiB | 100 | 2.0 min |")
-  assert table[3] == "| b | not run | 0/1 |" + " |" * 7
+  assert table[2] == ("| a | 0.600 ± 0.141 | 0.500, 0.700 | 2/2 | 1,234 "
+                      "| 3.1M | 1.1M | 13 | 3 MiB | 100 | 2.0 min |")
+  assert table[3] == "| b | not run | | 0/1 |" + " |" * 7
+  assert all(row.count("|") == table[0].count("|") for row in table)
   sweep.plot(variants, str(tmp_path), str(tmp_path / "report.png"))
   assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
   # Finished variants are skipped, so a sweep resumes where it stopped.
@@ -157,9 +158,40 @@ def test_a_variant_of_several_seeds_counts_as_its_seeds(tmp_path):
   table = sweep.report([three, single, waiting], str(tmp_path)).splitlines()
   # Four seeds: 0.5, 0.6, 0.7 (one program) and 0.8 (a separate run).
   # Results without "complexity" (runs from before it was recorded).
-  assert table[2] == ("| a | 0.650 ± 0.129 | 4/4 | 1,234 | – | – | – | – | "
-                      "100 | 1.0 min |")
-  assert table[3] == "| b | not run | 0/2 |" + " |" * 7
+  assert table[2] == ("| a | 0.650 ± 0.129 | 0.500, 0.600, 0.700, 0.800 "
+                      "| 4/4 | 1,234 | – | – | – | – | 100 | 1.0 min |")
+  assert table[3] == "| b | not run | | 0/2 |" + " |" * 7
+
+
+def test_at_best_reports_each_run_at_its_best_step(tmp_path):
+  """``--at_best``: the test accuracy at each run's best validation step
+  (``results["best"]``), the last step's for a run that kept no best."""
+  trained = sweep.Variant("net", overrides=(("train.num_seeds", 2),))
+  baseline = sweep.Variant("svm")
+  per_seed = [dict(test=dict(accuracy=last), examples_per_sec=100.0,
+                   train_seconds=60.0, num_params=10, seed=seed,
+                   best=dict(metric="validation/accuracy", step=step,
+                             validation=dict(accuracy=0.9),
+                             test=dict(accuracy=at_best)))
+              for seed, (last, at_best, step) in enumerate(
+                  ((0.50, 0.60, 3), (0.70, 0.80, 5)))]
+  svm = dict(test=dict(accuracy=0.4), examples_per_sec=100.0,
+             train_seconds=60.0, num_params=10)
+  for name, results in (("net", dict(per_seed[0], per_seed=per_seed)),
+                        ("svm", svm)):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "results.json").write_text(json.dumps(results))
+  last = sweep.report([trained, baseline], str(tmp_path)).splitlines()
+  assert last[0].startswith("| variant | test accuracy | per run |")
+  assert last[2].startswith("| net | 0.600 ± 0.141 | 0.500, 0.700 | 2/2 |")
+  best = sweep.report([trained, baseline], str(tmp_path),
+                      at_best=True).splitlines()
+  assert best[0].startswith("| variant | test accuracy at the best step |")
+  assert best[2].startswith("| net | 0.700 ± 0.141 | 0.600, 0.800 | 2/2 |")
+  assert best[3].startswith("| svm | 0.400 | 0.400 | 1/1 |")
+  sweep.plot([trained, baseline], str(tmp_path), str(tmp_path / "best.png"),
+             at_best=True)
+  assert (tmp_path / "best.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # Running sweeps. ``run_sweep`` starts each variant as ``python -m mmjax.main``;
@@ -272,9 +304,9 @@ def test_sweep_runs_the_named_variants_past_a_failed_one_and_reports_it(
   # The table has the --only variants, in sweep order: broken, not run, and
   # image (image_seed1, of the same group, is left out).
   report = _read(workdir, "report.md").splitlines()
-  assert report[2] == "| broken | not run | 0/1 |" + " |" * 7
-  assert report[3].startswith(
-      f"| image | {results['test']['accuracy']:.3f} | 1/1 | ")
+  assert report[2] == "| broken | not run | | 0/1 |" + " |" * 7
+  accuracy = f"{results['test']['accuracy']:.3f}"
+  assert report[3].startswith(f"| image | {accuracy} | {accuracy} | 1/1 | ")
   assert len(report) == 4
   with open(os.path.join(workdir, "report.png"), "rb") as f:
     assert f.read(4) == b"\x89PNG"
@@ -302,7 +334,7 @@ def test_dry_run_lists_the_commands_and_runs_nothing(tiny_sweep, capsys):
     line = f"[{i + 1}/3] {variant.name}: {shlex.join(cmd)}"
     assert line in out.splitlines()
     assert shlex.split(line.split(": ", 1)[1]) == cmd
-  assert "| image | not run | 0/2 | | | |" in out
+  assert "| image | not run | | 0/2 | | | |" in out
 
   _main(f"--sweep={path}", f"--workdir={workdir}", "--dry_run",
         "--only=image_seed1", "--override=parallel.cpu_devices=2",
