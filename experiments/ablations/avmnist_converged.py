@@ -18,10 +18,11 @@ reaches its validation plateau at about epoch 9, and its mean validation
 accuracy gains 0.2 points per 7 epochs after that (docs/avmnist.md,
 "Version 1.1.0"); 20 epochs is past the plateau's start at two thirds of
 MultiBench's 30 epochs' cost. On the 2-core CPU machine with two CPU
-devices, a late-fusion epoch takes ~75 s a seed, so the networks take
-most of a day of the machine: run the table over several sittings (the sweep
-resumes; MulT, the slowest by far, comes last) and keep the workdir outside
-the repository::
+devices, an epoch takes ~75 s a seed (late fusion; audio only, 3 seeds as
+one program, the same), so the 11 networks x 3 seeds take about 14 hours
+of the machine: run the table over several sittings (the sweep resumes;
+MulT, the slowest, comes last) and keep the workdir outside the
+repository::
 
   python -m mmjax.sweep --sweep=experiments/ablations/avmnist_converged.py \
       --workdir=/tmp/mmjax/ablations/avmnist_converged \
