@@ -147,10 +147,12 @@ def sibling_experiment(this_file: str, name: str,
 
 
 def sibling_file(this_file: str, name: str) -> types.ModuleType:
-  """The Python file ``name`` in the directory of ``this_file``, imported
-  (experiment and ablation files are files, not packages)."""
+  """The Python file ``name`` (a path relative to the directory of
+  ``this_file``, e.g. ``"../avmnist.py"``), imported (experiment and ablation
+  files are files, not packages)."""
   path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
-  return import_file(path, f"mmjax_file_{name.removesuffix('.py')}")
+  stem = os.path.basename(name).removesuffix(".py")
+  return import_file(path, f"mmjax_file_{stem}")
 
 
 def import_file(path: str, module_name: str) -> types.ModuleType:

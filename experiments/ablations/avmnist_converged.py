@@ -34,9 +34,8 @@ import os
 from mmjax import config_common
 
 avmnist_fusion = config_common.sibling_file(__file__, "avmnist_fusion.py")
-avmnist = config_common.import_file(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
-                 "avmnist.py"), "mmjax_file_avmnist")
+avmnist = config_common.sibling_file(__file__,
+                                     os.path.join(os.pardir, "avmnist.py"))
 
 CONFIG = avmnist_fusion.CONFIG
 EPOCHS = 20
