@@ -225,10 +225,9 @@ def report(variants: Sequence[Variant], workdir: str,
   ``at_best``: every metric at the run's best step (``split_metrics``)."""
   groups = grouped_results(variants, workdir)
   tasks = task_metrics(groups, split)
-  where = " at the best step" if at_best else ""
-  rows = [f"| variant | {split} accuracy{where} | per run | runs | parameters "
-          "| train FLOPs/ex | inference FLOPs/ex | compile s | step memory | "
-          "examples/s | train time |" +
+  rows = [f"| variant | {_accuracy_label(split, at_best)} | per run | runs "
+          "| parameters | train FLOPs/ex | inference FLOPs/ex | compile s "
+          "| step memory | examples/s | train time |" +
           "".join(f" {split} {name} |" for name in tasks),
           "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
   for group, results in groups.items():
@@ -272,6 +271,12 @@ def split_metrics(results: dict[str, Any], split: str,
   if at_best and "best" in results:
     return results["best"][split]
   return results[split]
+
+
+def _accuracy_label(split: str, at_best: bool) -> str:
+  """What the table's and the chart's accuracy is: ``"test accuracy"``, or
+  ``"test accuracy at the best step"`` (``split_metrics``)."""
+  return f"{split} accuracy" + (" at the best step" if at_best else "")
 
 
 def task_metrics(groups: dict[str, list[dict[str, Any] | None]],
@@ -336,7 +341,7 @@ def plot(variants: Sequence[Variant], workdir: str, path: str,
            alpha=0.6, capsize=3)
     ax.plot([i] * len(accuracy), accuracy, "k.", markersize=4)
   ax.set_xticks(range(len(groups)), list(groups), rotation=45, ha="right")
-  ax.set_ylabel(f"{split} accuracy" + (" at the best step" if at_best else ""))
+  ax.set_ylabel(_accuracy_label(split, at_best))
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
