@@ -62,13 +62,15 @@ def initialize_distributed() -> None:
       process_id=int(process_id) if process_id else None)
 
 
-# XLA:CPU threads per device when the host is split into several devices. A
-# device's collectives wait on pool threads for the other devices; with one
-# thread per device, 2 devices on this 2-core machine deadlocked in an
-# all-reduce in every 300-step AV-MNIST run once the next step was dispatched
-# before the last one ended (tests/stress/cpu_devices.py); with two, none
-# in 3,000 steps.
-CPU_THREADS_PER_DEVICE = 2
+# XLA:CPU threads per device when the host is split into several devices.
+# One thread per device is the fastest (AV-MNIST late fusion at batch 40, 2
+# devices on 2 cores: 41-42 ms a step against 46-47 with two), and safe only
+# while each device runs one step at a time: a device's collectives wait on
+# pool threads for the other devices, and with the next step dispatched
+# before the last one ended, each such run deadlocked in an all-reduce
+# within 600 steps (tests/stress/cpu_devices.py). ``DataParallel`` therefore
+# waits for each step on split CPU devices (``waits_for_each_step``).
+CPU_THREADS_PER_DEVICE = 1
 
 
 def use_cpu_devices(count: int) -> None:
@@ -77,13 +79,14 @@ def use_cpu_devices(count: int) -> None:
   Data parallelism over them gives each device part of the batch and a
   share of the cores. On the 2-core CPU machine AV-MNIST's small
   convolutions train faster this way than with one device running each
-  operation on both cores: 2 devices, 763 against 638 examples/s (README,
-  Performance). Metrics then equal a run on as many accelerators, not a
-  one-device run: the float sums are split differently.
+  operation on both cores (README, Performance). Metrics then equal a run on
+  as many accelerators, not a one-device run: the float sums are split
+  differently, as they are by another thread count.
 
   Sets XLA's CPU thread pool to at least ``CPU_THREADS_PER_DEVICE`` threads
-  per device (unless ``PJRT_NPROC`` is set). Call it before JAX initialises
-  its backends (before the first JAX operation); no other backend changes.
+  per device and at least one per core (unless ``PJRT_NPROC`` is set). Call
+  it before JAX initialises its backends (before the first JAX operation);
+  no other backend changes.
   """
   if count < 0:
     raise ValueError(f"config.parallel.cpu_devices={count}: use 0 (JAX's "
@@ -134,6 +137,10 @@ class DataParallel:
     # pmap's input layout: a leading axis over this process's devices.
     self._pmap_sharding = NamedSharding(
         Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
+    # A host split into CPU devices runs one step at a time (see
+    # CPU_THREADS_PER_DEVICE); accelerators keep JAX's asynchronous dispatch.
+    self.waits_for_each_step = len(self.devices) > 1 and all(
+        d.platform == "cpu" for d in self.devices)
 
   @property
   def num_devices(self) -> int:
@@ -209,7 +216,7 @@ class DataParallel:
       mapped = jax.shard_map(per_device, mesh=self.mesh,
                              in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
                              check_vma=False)
-      return jax.jit(mapped, donate_argnums=0)
+      return self._one_at_a_time(jax.jit(mapped, donate_argnums=0))
     pmapped = jax.pmap(per_device, axis_name=AXIS, donate_argnums=0,
                        devices=self.devices)
 
@@ -218,7 +225,7 @@ class DataParallel:
       return state, self.unreplicate(metrics)
 
     step.lower = pmapped.lower
-    return step
+    return self._one_at_a_time(step)
 
   def eval_step(self, step_fn: Callable[..., PyTree]
                 ) -> Callable[[PyTree, PyTree], PyTree]:
@@ -226,13 +233,26 @@ class DataParallel:
     with ``.lower(state, batch)`` as ``train_step``'s."""
     per_device = lambda state, batch: step_fn(state, batch, axis_name=AXIS)
     if self.backend == "shard_map":
-      return jax.jit(jax.shard_map(per_device, mesh=self.mesh,
-                                   in_specs=(P(), P(AXIS)), out_specs=P(),
-                                   check_vma=False))
+      return self._one_at_a_time(jax.jit(jax.shard_map(
+          per_device, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
+          check_vma=False)))
     pmapped = jax.pmap(per_device, axis_name=AXIS, devices=self.devices)
 
     def step(state, batch):
       return self.unreplicate(pmapped(state, batch))
 
     step.lower = pmapped.lower
-    return step
+    return self._one_at_a_time(step)
+
+  def _one_at_a_time(self, step: Callable[..., PyTree]
+                     ) -> Callable[..., PyTree]:
+    """``step`` returning only once its outputs are computed, where
+    ``waits_for_each_step``; ``step`` itself elsewhere."""
+    if not self.waits_for_each_step:
+      return step
+
+    def waiting_step(*args):
+      return jax.block_until_ready(step(*args))
+
+    waiting_step.lower = step.lower
+    return waiting_step

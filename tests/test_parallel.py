@@ -78,3 +78,29 @@ def test_cpu_devices_after_jax_started_must_match_them():
   with pytest.raises(ValueError, match="cpu_devices=-1"):
     parallel.use_cpu_devices(-1)
   assert jax.device_count() == 4
+
+
+def _slow_step(state, batch, axis_name):
+  """A step that takes tens of milliseconds: 8 matmuls of 1024x1024."""
+  x = state + batch.sum()
+  for _ in range(8):
+    x = jax.lax.pmean(x @ x / x.shape[0], axis_name)
+  return x, {"norm": jax.numpy.linalg.norm(x)}
+
+
+@pytest.mark.parametrize("backend", parallel.BACKENDS)
+def test_split_cpu_runs_one_step_at_a_time(backend):
+  """On devices split from one CPU a step returns computed outputs (the next
+  one then cannot hold pool threads its collectives wait on); one device
+  keeps JAX's asynchronous dispatch."""
+  assert not parallel.DataParallel(backend, jax.devices()[:1]
+                                   ).waits_for_each_step
+  dp = parallel.DataParallel(backend)
+  assert dp.waits_for_each_step
+  state = np.eye(1024, dtype=np.float32)
+  batch = dp.shard_batch({"x": np.ones((dp.num_devices, 1), np.float32)})["x"]
+  for step in (dp.train_step(_slow_step), dp.eval_step(_slow_step)):
+    jax.block_until_ready(step(dp.replicate(state), batch))  # Compiles.
+    outputs = step(dp.replicate(state), batch)
+    assert all(x.is_ready() for x in jax.tree.leaves(outputs))
+    assert step.lower(dp.replicate(state), batch).compile() is not None

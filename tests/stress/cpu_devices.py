@@ -2,14 +2,16 @@ r"""CPU devices soak: does a host split into devices deadlock in a collective?
 
 Not part of the default test suite (about 20 minutes with the defaults on
 the 2-core CPU machine). With ``config.parallel.cpu_devices=N`` a step's
-all-reduces wait on XLA:CPU pool threads for the other devices, and the next
-step is dispatched before the last one ends. With too few threads every
-device's waiting collectives can hold them all: XLA then aborts the process
-after its collective timeout (``rendezvous.cc ... Termination timeout``).
+all-reduces wait on XLA:CPU pool threads for the other devices. Once the
+next step is dispatched before the last one ends, too few threads can all
+be held by waiting collectives: XLA then aborts the process after its
+collective timeout (``rendezvous.cc ... Termination timeout``). So
+``DataParallel`` waits for each step on split CPU devices
+(``waits_for_each_step``), which this soak checks.
 
-Each trial runs ``python -m mmjax.bench`` (one run of ``--steps`` steps, the
-steps dispatched back to back as in training) with ``PJRT_NPROC`` set to
-each of ``--threads`` in turn, and counts the runs that abort::
+Each trial runs ``python -m mmjax.bench`` (one run of ``--steps`` steps,
+called one after another as in training) with ``PJRT_NPROC`` set to each of
+``--threads`` in turn, and counts the runs that abort::
 
     python tests/stress/cpu_devices.py --runs=5 --threads=2,4 \
         --manual_dir=../shared/data/avmnist_raw
