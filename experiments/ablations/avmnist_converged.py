@@ -27,6 +27,11 @@ repository::
   python -m mmjax.sweep --sweep=experiments/ablations/avmnist_converged.py \
       --workdir=/tmp/mmjax/ablations/avmnist_converged \
       --override=parallel.cpu_devices=2
+
+docs/avmnist.md's table ran with XLA's CPU pool at 4 threads, the default
+for two CPU devices before commit 766d56d (now one thread per device, which
+groups the float sums differently): prefix the command with ``PJRT_NPROC=4``
+to rerun it bit for bit.
 """
 
 import os
