@@ -14,9 +14,10 @@ with one of two interchangeable backends:
   step makes every output equal across devices with ``pmean``/``psum``
   (``tests/test_parallel.py`` checks the result against one device).
 
-Both donate the state, so an update reuses its buffers. Everything leaving
-this module for the host (metrics, state to save) is a single unreplicated
-copy.
+Both donate the state, so an update reuses its buffers, and on a host split
+into CPU devices both return a step only once it is computed
+(``CPU_THREADS_PER_DEVICE``). Everything leaving this module for the host
+(metrics, state to save) is a single unreplicated copy.
 """
 
 from __future__ import annotations
