@@ -78,8 +78,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ``results.json``.
 
   On SIGTERM/SIGINT it finishes the step in progress (with its logging,
-  checkpoint and evaluation), saves that step, waits until it is on disk and
-  raises ``SystemExit(128 + signal)``.
+  evaluation and checkpoint), saves that step, waits until it is on disk and
+  raises ``SystemExit(128 + signal)``. A step's checkpoint is written after
+  its evaluation, so a run killed while evaluating resumes from an earlier
+  step and evaluates that one again.
   """
   config_lib.validate_config(config)
   # "rbg" compiles several times faster than threefry on CPU (seconds per
@@ -188,8 +190,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if step % config.train.log_every_steps == 0 or save_now:
         _log_train(writers, seeds, progress, meter, step, pending)
         pending = []
-      if save_now:
-        save(step)
+      # Evaluate before saving: a run killed during the evaluation resumes
+      # from the checkpoint before and evaluates this step again, instead of
+      # from this step without its evaluation (nor its best checkpoint).
       if (step % config.train.eval_every_steps == 0
           and step < config.train.steps):
         validation = evaluate(state, "validation")
@@ -197,6 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           writer.write(step, "validation", means)
         keep_best_states(step, validation)
         meter.restart()  # Evaluation time is not training time.
+      if save_now:
+        save(step)
 
     if step < config.train.steps:  # Stopped by a signal.
       if pending:

@@ -219,3 +219,31 @@ def test_the_command_line_evaluates_the_splits_asked_for(resumed_run):
   assert evaluation["splits"]["test"]["accuracy"] == pytest.approx(
       results["test"]["accuracy"], abs=1e-6)
   assert "test: accuracy" in out
+
+
+class _Killed(Exception):
+  pass
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_evaluating_evaluates_that_step_again(tmp_path,
+                                                                 data_dir):
+  """The checkpoint of an evaluation step is written after its evaluation,
+  so resuming never skips one (nor the best checkpoint it might keep)."""
+  config = keep_best_config(data_dir, **{"checkpoint.every_steps": 2})
+  workdir = str(tmp_path / "run")
+  eval_sums, evaluations = train.eval_sums, []
+
+  def killed_at_the_second(*args, **kwargs):
+    evaluations.append(1)
+    if len(evaluations) == 2:  # The validation of step 4.
+      raise _Killed()
+    return eval_sums(*args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train, "eval_sums", killed_at_the_second)
+    with pytest.raises(_Killed):
+      train.train_and_evaluate(config, workdir)
+  assert e2e.checkpoint_steps(workdir) == [2]
+  train.train_and_evaluate(config, workdir)
+  assert [s for s, _ in _validation_history(workdir)] == [2, 4, 6, 8]
