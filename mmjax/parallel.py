@@ -214,18 +214,19 @@ class DataParallel:
     """
     per_device = lambda state, batch: step_fn(state, batch, axis_name=AXIS)
     if self.backend == "shard_map":
-      mapped = jax.shard_map(per_device, mesh=self.mesh,
-                             in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
-                             check_vma=False)
-      return self._one_at_a_time(jax.jit(mapped, donate_argnums=0))
-    pmapped = jax.pmap(per_device, axis_name=AXIS, donate_argnums=0,
-                       devices=self.devices)
+      step = jax.jit(jax.shard_map(per_device, mesh=self.mesh,
+                                   in_specs=(P(), P(AXIS)),
+                                   out_specs=(P(), P()), check_vma=False),
+                     donate_argnums=0)
+    else:
+      pmapped = jax.pmap(per_device, axis_name=AXIS, donate_argnums=0,
+                         devices=self.devices)
 
-    def step(state, batch):
-      state, metrics = pmapped(state, batch)
-      return state, self.unreplicate(metrics)
+      def step(state, batch):
+        state, metrics = pmapped(state, batch)
+        return state, self.unreplicate(metrics)
 
-    step.lower = pmapped.lower
+      step.lower = pmapped.lower
     return self._one_at_a_time(step)
 
   def eval_step(self, step_fn: Callable[..., PyTree]
@@ -234,15 +235,16 @@ class DataParallel:
     with ``.lower(state, batch)`` as ``train_step``'s."""
     per_device = lambda state, batch: step_fn(state, batch, axis_name=AXIS)
     if self.backend == "shard_map":
-      return self._one_at_a_time(jax.jit(jax.shard_map(
-          per_device, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
-          check_vma=False)))
-    pmapped = jax.pmap(per_device, axis_name=AXIS, devices=self.devices)
+      step = jax.jit(jax.shard_map(per_device, mesh=self.mesh,
+                                   in_specs=(P(), P(AXIS)), out_specs=P(),
+                                   check_vma=False))
+    else:
+      pmapped = jax.pmap(per_device, axis_name=AXIS, devices=self.devices)
 
-    def step(state, batch):
-      return self.unreplicate(pmapped(state, batch))
+      def step(state, batch):
+        return self.unreplicate(pmapped(state, batch))
 
-    step.lower = pmapped.lower
+      step.lower = pmapped.lower
     return self._one_at_a_time(step)
 
   def _one_at_a_time(self, step: Callable[..., PyTree]
