@@ -29,9 +29,10 @@ repository::
       --override=parallel.cpu_devices=2
 
 docs/avmnist.md's table ran with XLA's CPU pool at 4 threads, the default
-for two CPU devices before commit 766d56d (now one thread per device, which
-groups the float sums differently): prefix the command with ``PJRT_NPROC=4``
-to rerun it bit for bit.
+for two CPU devices before commit 766d56d (now one thread per device), and
+before commit aa5cdf8 (planar blocks' gradients materialised); both group
+a two-device run's float sums differently. To rerun it bit for bit, check
+out commit 225cd0e and prefix the command with ``PJRT_NPROC=4``.
 """
 
 import os
