@@ -70,10 +70,11 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
-  def truncate_after(self, step: int) -> None:
-    """Drops lines logged after ``step``: a resumed run logs them again."""
+  def truncate_after(self, step: int) -> list[dict[str, Any]]:
+    """Drops lines logged after ``step`` (a resumed run logs them again);
+    returns the records kept (none on a disabled writer)."""
     if not self.enabled or not os.path.exists(self.path):
-      return
+      return []
     with open(self.path) as f:
       lines = [line for line in f
                if line.strip() and json.loads(line)["step"] <= step]
@@ -81,6 +82,7 @@ class MetricWriter:
     with open(tmp, "w") as f:
       f.writelines(lines)
     os.replace(tmp, self.path)
+    return [json.loads(line) for line in lines]
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -133,10 +133,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         async_save=config.checkpoint.async_save))
              for d in seeds.workdirs(workdir)] if keep_best else []
     restored = checkpointer.restore_latest(host_state)
+    trained_seconds = 0.0  # Training time of the steps before start_step.
     if restored is not None:
       host_state, start_step = restored
-      for writer in writers:
-        writer.truncate_after(start_step)
+      kept = [writer.truncate_after(start_step) for writer in writers]
+      trained_seconds = _logged_train_seconds(kept[0])
       print(f"Resuming from checkpoint at step {start_step}.", flush=True)
     else:
       start_step = 0
@@ -171,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           return _seed_state(host[0], index)
         best.update(step, means[metric], seed_state, saved_config)
 
-    meter = _Throughput(start_step, config.input.batch_size)
+    meter = _Throughput(start_step, config.input.batch_size, trained_seconds)
     pending: list[dict[str, Any]] = []
     batches = pipeline.iterate_from(trainer.train_batches, start_step,
                                     config.input)
@@ -616,13 +617,19 @@ def _seeds_program(config: ml_collections.ConfigDict) -> str:
 
 
 class _Throughput:
-  """Training time and examples/s, without evaluation or the first logging
-  interval (which includes compiling)."""
+  """Training time and examples/s.
 
-  def __init__(self, start_step: int, global_batch: int):
+  ``train_seconds``: the training loop's time without evaluation, from step 0
+  (``trained_seconds``, the time of the steps before ``start_step``, comes
+  from the resumed run's log). ``examples_per_sec``: this process's rate,
+  without its first logging interval (which includes compiling)."""
+
+  def __init__(self, start_step: int, global_batch: int,
+               trained_seconds: float = 0.0):
     self.start_step = start_step
     self.global_batch = global_batch
-    self.train_seconds = 0.0
+    self.train_seconds = trained_seconds
+    self._process_seconds = 0.0
     self._timed_examples, self._timed_seconds = 0, 0.0
     self._interval_start, self._interval_step = time.perf_counter(), start_step
 
@@ -634,6 +641,7 @@ class _Throughput:
     elapsed = time.perf_counter() - self._interval_start
     examples = (step - self._interval_step) * self.global_batch
     self.train_seconds += elapsed
+    self._process_seconds += elapsed
     if self._interval_step > self.start_step:
       self._timed_examples += examples
       self._timed_seconds += elapsed
@@ -645,8 +653,16 @@ class _Throughput:
       per_sec = self._timed_examples / self._timed_seconds
     else:
       per_sec = ((self._interval_step - self.start_step) * self.global_batch /
-                 max(self.train_seconds, 1e-9))
+                 max(self._process_seconds, 1e-9))
     return {"train_seconds": self.train_seconds, "examples_per_sec": per_sec}
+
+
+def _logged_train_seconds(records: list[dict[str, Any]]) -> float:
+  """``train_seconds`` of the last train line of ``records`` (a resumed run's
+  log up to its checkpoint); 0 if none has it (logs from before it was
+  logged, or a process that writes no log)."""
+  train = [r for r in records if r["split"] == "train" and "train_seconds" in r]
+  return train[-1]["train_seconds"] if train else 0.0
 
 
 def _log_train(writers: list[metrics_lib.MetricWriter], seeds: Seeds,
@@ -661,6 +677,7 @@ def _log_train(writers: list[metrics_lib.MetricWriter], seeds: Seeds,
     seed_logged = metrics_lib.mean_over_steps(
         [metrics_lib.seed_slice(m, index) for m in fetched])
     seed_logged["examples_per_sec"] = examples_per_sec
+    seed_logged["train_seconds"] = meter.train_seconds
     _check_finite(seed_logged, step, f"seed {seed}: " if seeds.stacked else "")
     logged.append(seed_logged)
   for writer, seed_logged in zip(writers, logged):

@@ -78,7 +78,8 @@ def run(cmd: list[str], env=None) -> subprocess.CompletedProcess:
 
 def history(workdir) -> list[dict]:
   """Every logged value but the timings, in order."""
-  return [{k: v for k, v in r.items() if k != "examples_per_sec"}
+  return [{k: v for k, v in r.items()
+           if k not in ("examples_per_sec", "train_seconds")}
           for r in metrics_lib.read_metrics(str(workdir))]
 
 

@@ -91,13 +91,23 @@ def test_cpu_devices_splits_the_host_and_the_run_resumes_on_others(tmp_path,
   workdir = tmp_path / "run"
   first = e2e.run(e2e.command(workdir, data_dir, "--config.train.steps=10",
                               "--config.checkpoint.every_steps=10",
+                              "--config.train.log_every_steps=10",
                               "--config.parallel.cpu_devices=2"))
   assert "on 2 device(s)" in first.stdout  # Not the environment's four.
+  first_results = (workdir / "results.json").read_text()
   resumed = e2e.run(e2e.command(workdir, data_dir, "--config.train.steps=20",
-                                "--config.checkpoint.every_steps=10"))
+                                "--config.checkpoint.every_steps=10",
+                                "--config.train.log_every_steps=10"))
   assert "Resuming from checkpoint at step 10." in resumed.stdout
   assert "on 4 device(s)" in resumed.stdout
-  assert (workdir / "results.json").exists()
+  # train_seconds counts from step 0: the first run's time, then the rest.
+  first_seconds = json.loads(first_results)["train_seconds"]
+  train = [r for r in metrics_lib.read_metrics(str(workdir))
+           if r["split"] == "train"]
+  assert [r["step"] for r in train] == [10, 20]
+  assert train[0]["train_seconds"] == first_seconds
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["train_seconds"] == train[1]["train_seconds"] > first_seconds
 
 
 @pytest.mark.slow
