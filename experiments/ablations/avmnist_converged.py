@@ -16,7 +16,7 @@ fusion's recipe is the first table's, so its row serves both.
 The budget: over 30 epochs, late fusion (seed 0, dataset version 1.1.0)
 reaches its validation plateau at about epoch 9, and its mean validation
 accuracy gains 0.2 points per 7 epochs after that (docs/avmnist.md,
-"Version 1.1.0"); 20 epochs is past the plateau's start at two thirds of
+"The budget"); 20 epochs is past the plateau's start at two thirds of
 MultiBench's 30 epochs' cost. On the 2-core CPU machine with two CPU
 devices, an epoch takes ~75 s a seed (late fusion; audio only, 3 seeds as
 one program, the same), so the 11 networks x 3 seeds take about 14 hours
