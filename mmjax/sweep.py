@@ -33,7 +33,10 @@ and are added to every variant: ``--override=parallel.cpu_devices=2``
 (repeat the flag for several).
 
 The table is printed and written to ``WORKDIR/report.md``, with a bar chart
-of the accuracies in ``WORKDIR/report.png``. ``--robustness`` also evaluates
+of the accuracies in ``WORKDIR/report.png`` and, when the runs evaluate the
+validation split during training, each group's validation accuracy over the
+steps (mean over its runs, their range shaded; unfinished runs too) in
+``WORKDIR/curves.png``. ``--robustness`` also evaluates
 each finished run with ``python -m mmjax.evaluate --robustness`` (runs whose
 ``evaluation.json`` has it already are skipped; ``--robustness_reference=
 <variant>``, e.g. late fusion, is evaluated first and is the reference of
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import json
 import os
 import shlex
@@ -348,6 +352,57 @@ def plot(variants: Sequence[Variant], workdir: str, path: str,
   plt.close(fig)
 
 
+def learning_curves(variants: Sequence[Variant], workdir: str,
+                    split: str = "validation", metric: str = "accuracy"
+                    ) -> dict[str, list[list[tuple[int, float]]]]:
+  """Each group's ``metric`` on ``split`` over training, one curve per run:
+  ``{group: [[(step, value), ...], ...]}``, in sweep order, read from each
+  run's ``metrics.jsonl`` (a several-seed variant's ``seed<s>/``), finished
+  or not. Groups whose runs logged no such evaluation are left out."""
+  curves: dict[str, list[list[tuple[int, float]]]] = {}
+  for variant in variants:
+    run_dir = os.path.join(workdir, variant.name)
+    logs = (sorted(glob.glob(os.path.join(run_dir, "seed*", "metrics.jsonl")))
+            or glob.glob(os.path.join(run_dir, "metrics.jsonl")))
+    for log in logs:
+      with open(log) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+      curve = [(r["step"], r[metric]) for r in records
+               if r["split"] == split and metric in r]
+      if curve:
+        curves.setdefault(variant.group_name, []).append(curve)
+  return curves
+
+
+def curves_plot(curves: dict[str, list[list[tuple[int, float]]]], path: str,
+                label: str = "validation accuracy") -> None:
+  """Saves ``learning_curves``: per group, the mean over its runs at the
+  steps they all reached, with their range shaded."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(7.0, 4.0))
+  colors = plt.get_cmap("tab10").colors
+  for i, (group, runs) in enumerate(curves.items()):
+    by_step = [dict(run) for run in runs]
+    steps = sorted(set.intersection(*(set(run) for run in by_step)))
+    values = [[run[step] for run in by_step] for step in steps]
+    color = colors[i % len(colors)]
+    ax.plot(steps, [statistics.mean(v) for v in values], color=color,
+            linestyle=("-", "--", ":")[i // len(colors) % 3], marker=".",
+            label=f"{group} ({len(runs)})")
+    ax.fill_between(steps, [min(v) for v in values],
+                    [max(v) for v in values], color=color, alpha=0.2)
+  ax.set_xlabel("step")
+  ax.set_ylabel(label)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize="small", loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def evaluate_robustness(variants: Sequence[Variant], workdir: str,
                         reference: str | None = None) -> list[str]:
   """Runs ``python -m mmjax.evaluate --robustness`` (on the best checkpoint
@@ -532,6 +587,9 @@ def main(argv):
       f.write(table + "\n")
     plot(variants, _WORKDIR.value, os.path.join(_WORKDIR.value, "report.png"),
          at_best=_AT_BEST.value)
+    curves = learning_curves(variants, _WORKDIR.value)
+    if curves:
+      curves_plot(curves, os.path.join(_WORKDIR.value, "curves.png"))
     if _ROBUSTNESS.value:
       robustness_plot(variants, _WORKDIR.value,
                       os.path.join(_WORKDIR.value, "robustness.png"))

@@ -194,6 +194,29 @@ def test_at_best_reports_each_run_at_its_best_step(tmp_path):
   assert (tmp_path / "best.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_learning_curves_read_every_run_finished_or_not(tmp_path):
+  seeds = sweep.Variant("net", overrides=(("train.num_seeds", 2),))
+  single = sweep.Variant("net_s5", group="net")
+  silent = sweep.Variant("svm")  # Logs no validation during training.
+  def log(run_dir, records):
+    os.makedirs(run_dir)
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records))
+  validation = lambda step, accuracy: dict(step=step, split="validation",
+                                           accuracy=accuracy, loss=1.0)
+  train = dict(step=10, split="train", accuracy=0.1, loss=2.0)
+  log(tmp_path / "net" / "seed0", [train, validation(10, 0.5),
+                                   validation(20, 0.7)])
+  log(tmp_path / "net" / "seed1", [train, validation(10, 0.6)])  # Running.
+  log(tmp_path / "net_s5", [validation(10, 0.4), validation(20, 0.9)])
+  log(tmp_path / "svm", [dict(step=0, split="test", accuracy=0.3)])
+  curves = sweep.learning_curves([seeds, single, silent], str(tmp_path))
+  assert curves == {"net": [[(10, 0.5), (20, 0.7)], [(10, 0.6)],
+                            [(10, 0.4), (20, 0.9)]]}
+  sweep.curves_plot(curves, str(tmp_path / "curves.png"))
+  assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # Running sweeps. ``run_sweep`` starts each variant as ``python -m mmjax.main``;
 # here that command line runs in this process instead (a new process costs
 # seconds of importing JAX): parsed as ``mmjax.main`` parses it, trained by
