@@ -76,13 +76,13 @@ class MetricWriter:
     if not self.enabled or not os.path.exists(self.path):
       return []
     with open(self.path) as f:
-      lines = [line for line in f
-               if line.strip() and json.loads(line)["step"] <= step]
+      logged = [(line, json.loads(line)) for line in f if line.strip()]
+    kept = [(line, record) for line, record in logged if record["step"] <= step]
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
-      f.writelines(lines)
+      f.writelines(line for line, _ in kept)
     os.replace(tmp, self.path)
-    return [json.loads(line) for line in lines]
+    return [record for _, record in kept]
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     if not self.enabled:

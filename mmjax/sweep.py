@@ -65,6 +65,7 @@ from absl import app
 from absl import flags
 
 from mmjax import config_common
+from mmjax import metrics as metrics_lib
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Ablation file.", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent of the variants' "
@@ -365,9 +366,8 @@ def learning_curves(variants: Sequence[Variant], workdir: str,
     logs = (sorted(glob.glob(os.path.join(run_dir, "seed*", "metrics.jsonl")))
             or glob.glob(os.path.join(run_dir, "metrics.jsonl")))
     for log in logs:
-      with open(log) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-      curve = [(r["step"], r[metric]) for r in records
+      curve = [(r["step"], r[metric])
+               for r in metrics_lib.read_metrics(os.path.dirname(log))
                if r["split"] == split and metric in r]
       if curve:
         curves.setdefault(variant.group_name, []).append(curve)

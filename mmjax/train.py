@@ -628,10 +628,14 @@ class _Throughput:
                trained_seconds: float = 0.0):
     self.start_step = start_step
     self.global_batch = global_batch
-    self.train_seconds = trained_seconds
+    self.trained_seconds = trained_seconds
     self._process_seconds = 0.0
     self._timed_examples, self._timed_seconds = 0, 0.0
     self._interval_start, self._interval_step = time.perf_counter(), start_step
+
+  @property
+  def train_seconds(self) -> float:
+    return self.trained_seconds + self._process_seconds
 
   def restart(self) -> None:
     self._interval_start = time.perf_counter()
@@ -640,7 +644,6 @@ class _Throughput:
     """Closes the interval ending at ``step``; returns its examples/s."""
     elapsed = time.perf_counter() - self._interval_start
     examples = (step - self._interval_step) * self.global_batch
-    self.train_seconds += elapsed
     self._process_seconds += elapsed
     if self._interval_step > self.start_step:
       self._timed_examples += examples
