@@ -19,10 +19,11 @@ accuracy gains 0.2 points per 7 epochs after that (docs/avmnist.md,
 "The budget"); 20 epochs is past the plateau's start at two thirds of
 MultiBench's 30 epochs' cost. On the 2-core CPU machine with two CPU
 devices, an epoch takes ~75 s a seed (late fusion; audio only, 3 seeds as
-one program, the same), so the 11 networks x 3 seeds take about 14 hours
-of the machine: run the table over several sittings (the sweep resumes;
-MulT, the slowest, comes last) and keep the workdir outside the
-repository::
+one program, the same), so the 11 networks x 3 seeds took 17.4 hours of
+training (docs/avmnist.md: 15.4 h on the AMD EPYC for all but
+``multiplicative_multibench``, 2.0 h on a slower 2-core Intel Xeon): run the
+table over several sittings (the sweep resumes; MulT, the slowest, comes
+last) and keep the workdir outside the repository::
 
   python -m mmjax.sweep --sweep=experiments/ablations/avmnist_converged.py \
       --workdir=/tmp/mmjax/ablations/avmnist_converged \
